@@ -1,0 +1,282 @@
+//! Journald-style events and their binary encoding.
+//!
+//! An event is an ordered list of fields; a name may repeat, as in journald. Names follow
+//! journald's rules (upper-case ASCII letters, digits and `_`, not starting with a digit,
+//! at most 64 bytes); values are arbitrary bytes, so binary data, NULs and invalid UTF-8
+//! survive unchanged. The field block encoding here is shared by the ingest `Event` frame,
+//! the sink's stored batches and the query plane's `Record` frame.
+
+use thiserror::Error;
+
+use crate::fields::{CLAIMED_PREFIX, TRUSTED_PREFIX};
+use crate::limits::Limits;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FieldNameError {
+    #[error("field name is empty")]
+    Empty,
+    #[error("field name of {len} bytes is longer than {max}")]
+    TooLong { len: usize, max: u32 },
+    #[error("field name {name:?} has a character other than A-Z, 0-9 and _")]
+    BadCharacter { name: String },
+    #[error("field name {name:?} starts with a digit")]
+    LeadingDigit { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EventError {
+    #[error("event ends early: needed {needed} more bytes at offset {offset}")]
+    Truncated { offset: usize, needed: usize },
+    #[error("event has {count} fields, more than the limit of {max}")]
+    TooManyFields { count: u32, max: u32 },
+    #[error("field {name:?} has a value of {len} bytes, more than the limit of {max}")]
+    ValueTooLong { name: String, len: u32, max: u32 },
+    #[error("invalid field name: {0}")]
+    BadName(#[from] FieldNameError),
+    #[error("{extra} bytes follow the last field")]
+    TrailingBytes { extra: usize },
+}
+
+/// Checks a field name against journald's rules and our length limit.
+pub fn validate_field_name(name: &[u8], max_len: u32) -> Result<(), FieldNameError> {
+    let lossy = || String::from_utf8_lossy(&name[..name.len().min(64)]).into_owned();
+    if name.is_empty() {
+        return Err(FieldNameError::Empty);
+    }
+    if name.len() > max_len as usize {
+        return Err(FieldNameError::TooLong { len: name.len(), max: max_len });
+    }
+    if !name.iter().all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(FieldNameError::BadCharacter { name: lossy() });
+    }
+    if name[0].is_ascii_digit() {
+        return Err(FieldNameError::LeadingDigit { name: lossy() });
+    }
+    Ok(())
+}
+
+impl Event {
+    pub fn new() -> Event {
+        Event::default()
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) {
+        self.fields.push(Field { name: name.into(), value: value.into() });
+    }
+
+    /// The first value of `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields.iter().find(|f| f.name == name).map(|f| f.value.as_slice())
+    }
+
+    /// The first value of `name` if it is valid UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Sum of name and value lengths, the figure quotas and rate limits count.
+    pub fn payload_len(&self) -> usize {
+        self.fields.iter().map(|f| f.name.len() + f.value.len()).sum()
+    }
+
+    /// Renames every field a source sent under the sink-only prefix, keeping its value, so
+    /// that nothing a VM sends can pass for a field the sink vouches for. Returns how many
+    /// fields were renamed.
+    pub fn quarantine_trusted(&mut self) -> usize {
+        let mut renamed = 0;
+        for field in &mut self.fields {
+            if let Some(rest) = field.name.strip_prefix(TRUSTED_PREFIX) {
+                field.name = format!("{CLAIMED_PREFIX}{rest}");
+                renamed += 1;
+            }
+        }
+        renamed
+    }
+
+    /// Appends the field block (count, then each name and value) to `out`.
+    pub fn encode_fields(&self, out: &mut Vec<u8>) {
+        let count = u32::try_from(self.fields.len()).expect("field counts are bounded by limits");
+        out.extend_from_slice(&count.to_be_bytes());
+        for f in &self.fields {
+            let name_len = u8::try_from(f.name.len()).expect("field names are at most 64 bytes");
+            out.push(name_len);
+            out.extend_from_slice(f.name.as_bytes());
+            let value_len = u32::try_from(f.value.len()).expect("values are bounded by limits");
+            out.extend_from_slice(&value_len.to_be_bytes());
+            out.extend_from_slice(&f.value);
+        }
+    }
+
+    /// Decodes a field block from the front of `buf`, returning the event and the bytes
+    /// used. Every count and length is checked against `limits` before it is allocated.
+    pub fn decode_fields(buf: &[u8], limits: &Limits) -> Result<(Event, usize), EventError> {
+        let mut r = Reader { buf, pos: 0 };
+        let count = r.u32()?;
+        if count > limits.max_fields {
+            return Err(EventError::TooManyFields { count, max: limits.max_fields });
+        }
+        // Each field takes at least 6 bytes, so the remaining input bounds the capacity
+        // even before the count has been proven honest.
+        let mut fields = Vec::with_capacity((count as usize).min(r.remaining() / 6));
+        for _ in 0..count {
+            let name_len = r.u8()? as usize;
+            let name = r.bytes(name_len)?;
+            validate_field_name(name, limits.max_name_len)?;
+            let name = String::from_utf8(name.to_vec()).expect("validated names are ASCII");
+            let value_len = r.u32()?;
+            if value_len > limits.max_value_len {
+                return Err(EventError::ValueTooLong {
+                    name,
+                    len: value_len,
+                    max: limits.max_value_len,
+                });
+            }
+            let value = r.bytes(value_len as usize)?.to_vec();
+            fields.push(Field { name, value });
+        }
+        Ok((Event { fields }, r.pos))
+    }
+}
+
+/// Encodes the payload of an ingest `Event` frame: sequence number, then the field block.
+pub fn encode_event_payload(seq: u64, event: &Event, out: &mut Vec<u8>) {
+    out.extend_from_slice(&seq.to_be_bytes());
+    event.encode_fields(out);
+}
+
+/// Decodes the payload of an ingest `Event` frame.
+pub fn decode_event_payload(payload: &[u8], limits: &Limits) -> Result<(u64, Event), EventError> {
+    let mut r = Reader { buf: payload, pos: 0 };
+    let seq = r.u64()?;
+    let (event, used) = Event::decode_fields(&payload[r.pos..], limits)?;
+    let extra = payload.len() - r.pos - used;
+    if extra != 0 {
+        return Err(EventError::TrailingBytes { extra });
+    }
+    Ok((seq, event))
+}
+
+/// A bounds-checked cursor over a byte slice, used by every binary decoder here.
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], EventError> {
+        if self.remaining() < n {
+            return Err(EventError::Truncated { offset: self.pos, needed: n - self.remaining() });
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, EventError> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, EventError> {
+        Ok(u32::from_be_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64, EventError> {
+        Ok(u64::from_be_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        let mut e = Event::new();
+        e.push("MESSAGE", "line one\nline two");
+        e.push("BINARY", vec![0u8, 0xff, 0x1b, b'[', 0]);
+        e.push("MESSAGE", "repeated names are kept");
+        e
+    }
+
+    #[test]
+    fn event_payload_round_trips_binary_values() {
+        let mut buf = Vec::new();
+        encode_event_payload(42, &sample(), &mut buf);
+        let (seq, back) = decode_event_payload(&buf, &Limits::DEFAULT).unwrap();
+        assert_eq!((seq, back), (42, sample()));
+    }
+
+    #[test]
+    fn rejects_field_count_over_limit_before_allocating() {
+        let mut buf = 1u64.to_be_bytes().to_vec();
+        buf.extend_from_slice(&100_000u32.to_be_bytes());
+        assert!(matches!(
+            decode_event_payload(&buf, &Limits::DEFAULT),
+            Err(EventError::TooManyFields { count: 100_000, .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_names_long_values_truncation_and_trailing_bytes() {
+        let mut e = Event::new();
+        e.push("lower", "x");
+        let mut buf = Vec::new();
+        encode_event_payload(1, &e, &mut buf);
+        assert!(matches!(
+            decode_event_payload(&buf, &Limits::DEFAULT),
+            Err(EventError::BadName(_))
+        ));
+
+        let limits = Limits { max_value_len: 4, ..Limits::DEFAULT };
+        let mut buf = Vec::new();
+        encode_event_payload(1, &sample(), &mut buf);
+        assert!(matches!(
+            decode_event_payload(&buf, &limits),
+            Err(EventError::ValueTooLong { .. })
+        ));
+        assert!(matches!(
+            decode_event_payload(&buf[..buf.len() - 1], &Limits::DEFAULT),
+            Err(EventError::Truncated { .. })
+        ));
+        buf.push(0);
+        assert!(matches!(
+            decode_event_payload(&buf, &Limits::DEFAULT),
+            Err(EventError::TrailingBytes { extra: 1 })
+        ));
+    }
+
+    #[test]
+    fn validates_journald_field_names() {
+        for ok in ["MESSAGE", "_HOSTNAME", "__CURSOR", "A1_"] {
+            assert!(validate_field_name(ok.as_bytes(), 64).is_ok(), "{ok}");
+        }
+        for bad in ["", "1ABC", "message", "A-B", "A B", "\u{c9}"] {
+            assert!(validate_field_name(bad.as_bytes(), 64).is_err(), "{bad:?}");
+        }
+        assert!(validate_field_name(&[b'A'; 65], 64).is_err());
+    }
+
+    #[test]
+    fn quarantines_fields_under_the_trusted_prefix() {
+        let mut e = Event::new();
+        e.push("_QLOG_VM", "dom0");
+        e.push("MESSAGE", "hi");
+        assert_eq!(e.quarantine_trusted(), 1);
+        assert_eq!(e.get_str("CLAIMED_QLOG_VM"), Some("dom0"));
+        assert!(e.get("_QLOG_VM").is_none());
+    }
+}

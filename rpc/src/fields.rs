@@ -1,0 +1,33 @@
+//! Field names with a meaning to qlog, defined once so no crate retypes them.
+//!
+//! Names under [`TRUSTED_PREFIX`] are set only by the sink. A source VM that sends one has
+//! it renamed under [`CLAIMED_PREFIX`] (see [`crate::event::Event::quarantine_trusted`]).
+
+/// Prefix of the fields only the sink may set.
+pub const TRUSTED_PREFIX: &str = "_QLOG_";
+/// What a VM-sent field under [`TRUSTED_PREFIX`] is renamed to, keeping its value.
+pub const CLAIMED_PREFIX: &str = "CLAIMED_QLOG_";
+
+/// The source VM, from the qrexec descriptor.
+pub const QLOG_VM: &str = "_QLOG_VM";
+/// The sink's receive time, microseconds since the Unix epoch.
+pub const QLOG_RECEIVED_USEC: &str = "_QLOG_RECEIVED_USEC";
+/// The stream name the agent announced in its hello.
+pub const QLOG_STREAM: &str = "_QLOG_STREAM";
+/// The per-stream sequence number the agent gave the event.
+pub const QLOG_SEQ: &str = "_QLOG_SEQ";
+/// Set on gap records: why events are missing (`quota`, `retention`, `agent`, `seq`, ...).
+pub const QLOG_GAP: &str = "_QLOG_GAP";
+/// Set on gap records: how many events are missing, where that is known.
+pub const QLOG_GAP_COUNT: &str = "_QLOG_GAP_COUNT";
+
+pub const MESSAGE: &str = "MESSAGE";
+pub const PRIORITY: &str = "PRIORITY";
+pub const SYSLOG_IDENTIFIER: &str = "SYSLOG_IDENTIFIER";
+pub const SYSTEMD_UNIT: &str = "_SYSTEMD_UNIT";
+pub const HOSTNAME: &str = "_HOSTNAME";
+pub const REALTIME_TIMESTAMP: &str = "__REALTIME_TIMESTAMP";
+pub const MONOTONIC_TIMESTAMP: &str = "__MONOTONIC_TIMESTAMP";
+pub const CURSOR: &str = "__CURSOR";
+pub const BOOT_ID: &str = "_BOOT_ID";
+pub const SOURCE_REALTIME_TIMESTAMP: &str = "_SOURCE_REALTIME_TIMESTAMP";

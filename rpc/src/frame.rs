@@ -1,0 +1,220 @@
+//! Length-prefixed frames over a byte stream that has no message boundaries.
+//!
+//! A frame is a 5-byte header, a big-endian `u32` payload length and a one-byte
+//! [`FrameType`], followed by the payload. [`FrameDecoder`] is incremental: bytes go in as
+//! they arrive, whole frames come out. It rejects a frame from its header alone, before any
+//! payload is buffered, when the type is unknown or the length is over the limit.
+
+use thiserror::Error;
+
+use crate::limits::Limits;
+
+/// Bytes before every payload: length (4) and type (1).
+pub const HEADER_LEN: usize = 5;
+
+/// What a frame carries. The numbers are the wire values and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Agent to sink, first frame: JSON [`crate::Hello`].
+    Hello = 0x01,
+    /// Sink to agent, answer to hello: JSON [`crate::Welcome`].
+    Welcome = 0x02,
+    /// Agent to sink: one binary event with its sequence number.
+    Event = 0x03,
+    /// Sink to agent: cumulative ack, binary `u64` sequence number.
+    Ack = 0x04,
+    /// Either way: end of stream, binary `u64` last sequence number.
+    End = 0x05,
+    /// Either way: JSON [`crate::ErrorFrame`]; the sender closes after it.
+    Error = 0x06,
+    /// Agent to sink: JSON [`crate::Gap`], events the agent knows are missing.
+    Gap = 0x07,
+    /// Agent to sink: JSON [`crate::Heartbeat`].
+    Heartbeat = 0x08,
+    /// CLI to sink: JSON [`crate::query::Request`].
+    Query = 0x20,
+    /// Sink to CLI: one binary [`crate::query::Record`].
+    Record = 0x21,
+    /// Sink to CLI: JSON [`crate::query::Lagged`].
+    Lagged = 0x22,
+    /// Sink to CLI: JSON [`crate::query::Done`], the historical part is complete.
+    Done = 0x23,
+    /// Sink to CLI: a JSON reply that is not a stream of records.
+    Reply = 0x24,
+}
+
+impl FrameType {
+    pub fn from_u8(b: u8) -> Option<FrameType> {
+        use FrameType::*;
+        Some(match b {
+            0x01 => Hello,
+            0x02 => Welcome,
+            0x03 => Event,
+            0x04 => Ack,
+            0x05 => End,
+            0x06 => Error,
+            0x07 => Gap,
+            0x08 => Heartbeat,
+            0x20 => Query,
+            0x21 => Record,
+            0x22 => Lagged,
+            0x23 => Done,
+            0x24 => Reply,
+            _ => return None,
+        })
+    }
+
+    /// True if and only if the payload is JSON and bounded by `max_control_len`.
+    pub fn is_control(self) -> bool {
+        !matches!(self, FrameType::Event | FrameType::Ack | FrameType::End | FrameType::Record)
+    }
+}
+
+/// One whole frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub ty: FrameType,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    #[error("unknown frame type 0x{ty:02x}")]
+    UnknownType { ty: u8 },
+    #[error("{ty:?} frame of {len} bytes is over the limit of {max}")]
+    TooLarge { ty: FrameType, len: u32, max: u32 },
+    #[error("stream ended inside a frame ({buffered} bytes of it received)")]
+    Truncated { buffered: usize },
+}
+
+/// Appends one frame to `out`.
+///
+/// # Panics
+///
+/// If `payload` is longer than `u32::MAX`; the encoders in this crate never build such a
+/// payload because every limit is far below it.
+pub fn encode(ty: FrameType, payload: &[u8], out: &mut Vec<u8>) {
+    let len = u32::try_from(payload.len()).expect("payloads are bounded far below 4 GiB");
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(ty as u8);
+    out.extend_from_slice(payload);
+}
+
+/// Encodes one frame into a new buffer.
+pub fn encode_to_vec(ty: FrameType, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    encode(ty, payload, &mut out);
+    out
+}
+
+/// Incremental frame decoder with bounded buffering.
+///
+/// Call [`FrameDecoder::next_frame`] until it returns `Ok(None)` before feeding more
+/// bytes; then the buffer never holds more than one partial frame plus one read.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    limits: Limits,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already handed out as frames; compacted lazily.
+    start: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(limits: Limits) -> FrameDecoder {
+        FrameDecoder { limits, buf: Vec::new(), start: 0 }
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.start > 0 && (self.start == self.buf.len() || self.start > 64 * 1024) {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet returned as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Returns the next whole frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]);
+        let ty = FrameType::from_u8(avail[4]).ok_or(FrameError::UnknownType { ty: avail[4] })?;
+        let max =
+            if ty.is_control() { self.limits.max_control_len } else { self.limits.max_frame_len };
+        if len > max {
+            return Err(FrameError::TooLarge { ty, len, max });
+        }
+        let total = HEADER_LEN + len as usize;
+        if avail.len() < total {
+            return Ok(None);
+        }
+        let payload = avail[HEADER_LEN..total].to_vec();
+        self.start += total;
+        Ok(Some(Frame { ty, payload }))
+    }
+
+    /// Call at end of stream: an error if a frame was cut off.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        match self.buffered() {
+            0 => Ok(()),
+            buffered => Err(FrameError::Truncated { buffered }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_frames_fed_one_byte_at_a_time() {
+        let mut wire = Vec::new();
+        encode(FrameType::Ack, &7u64.to_be_bytes(), &mut wire);
+        encode(FrameType::Hello, b"{}", &mut wire);
+        let mut dec = FrameDecoder::new(Limits::DEFAULT);
+        let mut frames = Vec::new();
+        for b in &wire {
+            dec.feed(std::slice::from_ref(b));
+            while let Some(f) = dec.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].ty, FrameType::Ack);
+        assert_eq!(frames[1].payload, b"{}");
+        dec.finish().unwrap();
+    }
+
+    #[test]
+    fn rejects_oversized_frame_from_its_header_alone() {
+        let mut dec = FrameDecoder::new(Limits::DEFAULT);
+        dec.feed(&[0xff, 0xff, 0xff, 0xff, FrameType::Event as u8]);
+        assert!(matches!(dec.next_frame(), Err(FrameError::TooLarge { .. })));
+        let mut dec = FrameDecoder::new(Limits::DEFAULT);
+        dec.feed(&[0, 1, 0, 1, FrameType::Hello as u8]);
+        assert!(matches!(dec.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn rejects_unknown_type_and_reports_truncation() {
+        let mut dec = FrameDecoder::new(Limits::DEFAULT);
+        dec.feed(&[0, 0, 0, 0, 0x7f]);
+        assert_eq!(dec.next_frame(), Err(FrameError::UnknownType { ty: 0x7f }));
+        let mut dec = FrameDecoder::new(Limits::DEFAULT);
+        dec.feed(&[0, 0, 0, 9, FrameType::Event as u8, 1, 2]);
+        assert_eq!(dec.next_frame(), Ok(None));
+        assert_eq!(dec.finish(), Err(FrameError::Truncated { buffered: 7 }));
+    }
+}

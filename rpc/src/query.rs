@@ -1,0 +1,235 @@
+//! The local query plane between the `qlog` CLI and qlogd.
+//!
+//! The CLI sends one `Query` frame holding a JSON [`Request`]. For an events request the
+//! sink answers with `Record` frames, a `Done` frame when the stored part is complete and,
+//! when following, more `Record` frames (and `Lagged` frames if the follower fell behind)
+//! until the CLI hangs up. Other requests get one `Reply` frame. Any failure is an
+//! `Error` frame. Filters are evaluated in the sink; this module only carries them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{EventError, Reader};
+use crate::limits::Limits;
+use crate::Event;
+
+/// Most VMs, field matches or values one request may name.
+pub const MAX_REQUEST_ITEMS: usize = 1024;
+/// Longest regular expression a request may carry.
+pub const MAX_PATTERN_LEN: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Request {
+    /// Stored events, optionally followed live.
+    Events(EventsQuery),
+    /// One row per known VM.
+    Vms,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// Source VMs to include; empty means every VM.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub filter: Filter,
+    /// Only the last `limit` matches (journalctl's `-n`); `None` means all of them.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Newest first.
+    #[serde(default)]
+    pub reverse: bool,
+    /// Keep the connection open and send new matches as they are committed.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// journalctl's filter semantics: every set criterion must hold (AND); within one
+/// criterion any listed value may match (OR).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Inclusive range of syslog priorities (0 = emerg ... 7 = debug). An event without a
+    /// valid PRIORITY does not match when a range is set.
+    #[serde(default)]
+    pub priority: Option<(u8, u8)>,
+    /// `_SYSTEMD_UNIT` values (also matched against `UNIT` and `_SYSTEMD_USER_UNIT`).
+    #[serde(default)]
+    pub units: Vec<String>,
+    /// `SYSLOG_IDENTIFIER` values.
+    #[serde(default)]
+    pub identifiers: Vec<String>,
+    /// A regular expression on MESSAGE.
+    #[serde(default)]
+    pub grep: Option<Grep>,
+    /// Receive time at or after this, microseconds since the epoch.
+    #[serde(default)]
+    pub since_usec: Option<u64>,
+    /// Receive time at or before this, microseconds since the epoch.
+    #[serde(default)]
+    pub until_usec: Option<u64>,
+    /// `FIELD=VALUE` matches: the same field twice is OR, different fields are AND.
+    #[serde(default)]
+    pub matches: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grep {
+    pub pattern: String,
+    pub case_insensitive: bool,
+}
+
+/// What kind of stored record this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordKind {
+    Event = 0,
+    /// Missing events: the fields say why (`_QLOG_GAP`) and how many.
+    Gap = 1,
+    /// A message of qlogd's own about the sink or a VM.
+    Notice = 2,
+}
+
+impl RecordKind {
+    pub fn from_u8(b: u8) -> Option<RecordKind> {
+        match b {
+            0 => Some(RecordKind::Event),
+            1 => Some(RecordKind::Gap),
+            2 => Some(RecordKind::Notice),
+            _ => None,
+        }
+    }
+}
+
+/// One stored event with the facts the sink vouches for kept apart from the VM's fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The source VM from the qrexec descriptor.
+    pub vm: String,
+    pub stream: String,
+    /// The sink's receive time, microseconds since the epoch.
+    pub received_usec: u64,
+    /// The agent's sequence number within (vm, stream).
+    pub seq: u64,
+    pub kind: RecordKind,
+    /// The VM's own fields: its claims.
+    pub event: Event,
+}
+
+impl Record {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_short_str(out, &self.vm);
+        put_short_str(out, &self.stream);
+        out.extend_from_slice(&self.received_usec.to_be_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.push(self.kind as u8);
+        self.event.encode_fields(out);
+    }
+
+    /// Decodes a record from the front of `buf`, returning it and the bytes used.
+    pub fn decode(buf: &[u8], limits: &Limits) -> Result<(Record, usize), EventError> {
+        let mut r = Reader { buf, pos: 0 };
+        let vm = get_short_str(&mut r)?;
+        let stream = get_short_str(&mut r)?;
+        let received_usec = r.u64()?;
+        let seq = r.u64()?;
+        let kind_offset = r.pos;
+        let kind = RecordKind::from_u8(r.u8()?)
+            .ok_or(EventError::Truncated { offset: kind_offset, needed: 0 })?;
+        let (event, used) = Event::decode_fields(&buf[r.pos..], limits)?;
+        Ok((Record { vm, stream, received_usec, seq, kind, event }, r.pos + used))
+    }
+}
+
+fn put_short_str(out: &mut Vec<u8>, s: &str) {
+    let len = u8::try_from(s.len()).expect("VM and stream names are at most 64 bytes");
+    out.push(len);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn get_short_str(r: &mut Reader<'_>) -> Result<String, EventError> {
+    let len = r.u8()? as usize;
+    let offset = r.pos;
+    let bytes = r.bytes(len)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| EventError::Truncated { offset, needed: 0 })
+}
+
+/// Sent when the stored part of an events query is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    pub matched: u64,
+}
+
+/// Sent to a follower that fell behind: `missed` committed events (before filtering) were
+/// skipped so that it would not slow ingest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lagged {
+    pub missed: u64,
+}
+
+/// The reply to [`Request::Vms`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmsReply {
+    pub vms: Vec<VmInfo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub vm: String,
+    pub first_seen_usec: u64,
+    pub last_seen_usec: u64,
+    pub events_stored: u64,
+    pub bytes_stored: u64,
+    pub quota_bytes: u64,
+    /// Events removed because the VM was over its quota.
+    pub events_dropped_quota: u64,
+    /// Events removed by age-based retention.
+    pub events_expired: u64,
+    /// Frames or connections rejected as malformed.
+    pub frames_rejected: u64,
+    /// Fields renamed because they used the sink-only prefix.
+    pub fields_quarantined: u64,
+    pub streams: Vec<StreamInfo>,
+    /// True if and only if at least one ingest connection from this VM is open now.
+    pub connected: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub name: String,
+    pub last_seq: u64,
+    pub connected: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips() {
+        let mut event = Event::new();
+        event.push("MESSAGE", vec![0xff, 0, 1]);
+        let rec = Record {
+            vm: "sd-app".into(),
+            stream: "journal".into(),
+            received_usec: 1_700_000_000_000_000,
+            seq: 9,
+            kind: RecordKind::Gap,
+            event,
+        };
+        let mut buf = Vec::new();
+        rec.encode(&mut buf);
+        let (back, used) = Record::decode(&buf, &Limits::DEFAULT).unwrap();
+        assert_eq!((back, used), (rec, buf.len()));
+    }
+
+    #[test]
+    fn request_json_is_tagged_and_defaults_missing_fields() {
+        let req: Request = serde_json::from_str(r#"{"kind":"events","vms":["a"]}"#).unwrap();
+        let Request::Events(q) = req else { panic!("expected an events request") };
+        assert_eq!(q.vms, ["a"]);
+        assert!(!q.follow && q.limit.is_none());
+        let req: Request = serde_json::from_str(r#"{"kind":"vms"}"#).unwrap();
+        assert_eq!(req, Request::Vms);
+    }
+}

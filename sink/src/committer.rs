@@ -1,0 +1,449 @@
+//! Group commit: the one thread that turns accepted events into durable batches.
+//!
+//! Ingest connections send [`Chunk`]s of decoded events over a bounded channel; the
+//! committer drains whatever is queued, stamps receive times, drops replays by sequence
+//! number, builds one compressed batch per VM, enforces quotas, writes it all in one
+//! atomic sled batch, flushes, and only then raises each stream's ack watermark and feeds
+//! the followers. While one cycle flushes, the next one queues up, so commit cost is paid
+//! per cycle, not per event.
+//!
+//! Owning all sequence and quota state in one thread is what makes dedup exact: two
+//! connections for the same stream (a reconnect racing its predecessor) are serialised
+//! here. When a commit fails (a full disk), the cycle is retried until it succeeds and no
+//! new chunk is taken meanwhile: acks stop, backpressure reaches the agents, nothing is
+//! acknowledged that is not on disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qlog_rpc::fields;
+use qlog_rpc::query::{Record, RecordKind};
+use qlog_rpc::{Event, Gap, ResumePoint};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::log_events;
+use crate::shared::{Shared, StreamKey};
+use crate::store::{CommitSet, Store, StreamState, VmState};
+
+/// Most records one cycle takes before it commits, so one cycle's latency stays small
+/// and a follower's broadcast slot stays bounded.
+const MAX_CYCLE_RECORDS: usize = 32_768;
+/// Most raw bytes one cycle takes before it commits.
+const MAX_CYCLE_BYTES: usize = 8 * 1024 * 1024;
+/// Longest cursor kept as a resume point; journald cursors are about 150 bytes.
+const MAX_CURSOR_LEN: usize = 1024;
+/// Once over quota, a VM is trimmed to this share of it, so trimming happens in
+/// steps rather than on every commit.
+const QUOTA_LOW_WATERMARK: f64 = 0.9;
+/// The stream name of records qlogd writes itself.
+pub const SINK_STREAM: &str = "qlogd";
+
+/// What connections send the committer.
+pub enum Request {
+    /// A connection finished its handshake; `reply` gets the durable resume point and
+    /// `acks` is raised whenever more of the stream becomes durable.
+    Register { key: StreamKey, acks: watch::Sender<u64>, reply: oneshot::Sender<ResumePoint> },
+    /// Events and gaps from one connection, in the order received.
+    Chunk(Chunk),
+    /// A VM's connection sent something malformed.
+    Rejected { vm: String },
+    /// Time for age-based retention.
+    RetentionTick,
+}
+
+pub struct Chunk {
+    pub key: StreamKey,
+    pub items: Vec<Item>,
+    /// Fields renamed from the sink-only prefix while decoding this chunk.
+    pub quarantined: u64,
+}
+
+pub enum Item {
+    Event { seq: u64, event: Event },
+    Gap { gap: Gap },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub vm_quota_bytes: u64,
+    pub retention: Duration,
+}
+
+/// The committer's view of one stream.
+struct StreamMem {
+    durable: StreamState,
+    /// Highest sequence number accepted into a cycle (durable or about to be).
+    accepted_seq: u64,
+    accepted_cursor: Option<String>,
+    watchers: Vec<watch::Sender<u64>>,
+}
+
+pub struct Committer {
+    store: Store,
+    shared: Arc<Shared>,
+    settings: Settings,
+    streams: HashMap<StreamKey, StreamMem>,
+    vms: HashMap<String, VmState>,
+    next_batch_id: u64,
+    /// Receive times never go backwards, so a VM's batches never overlap in time.
+    last_stamp: u64,
+}
+
+/// This cycle's work in progress.
+#[derive(Default)]
+struct Cycle {
+    records: BTreeMap<String, Vec<Record>>,
+    touched_streams: Vec<StreamKey>,
+    touched_vms: Vec<String>,
+    deletes: Vec<Vec<u8>>,
+    count: usize,
+    bytes: usize,
+}
+
+impl Committer {
+    pub fn new(store: Store, shared: Arc<Shared>, settings: Settings) -> anyhow::Result<Self> {
+        let streams = store
+            .load_streams()?
+            .into_iter()
+            .map(|(k, st)| {
+                let mem = StreamMem {
+                    accepted_seq: st.last_seq,
+                    accepted_cursor: st.cursor.clone(),
+                    durable: st,
+                    watchers: Vec::new(),
+                };
+                (k, mem)
+            })
+            .collect();
+        let vms = store.load_vms()?;
+        let next_batch_id = store.next_batch_id()?;
+        Ok(Committer { store, shared, settings, streams, vms, next_batch_id, last_stamp: 0 })
+    }
+
+    /// Runs until every sender is gone, committing what is queued before returning.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut retention_due = true;
+        while let Some(first) = rx.blocking_recv() {
+            let mut cycle = Cycle::default();
+            self.handle(first, &mut cycle, &mut retention_due);
+            while cycle.count < MAX_CYCLE_RECORDS && cycle.bytes < MAX_CYCLE_BYTES {
+                match rx.try_recv() {
+                    Ok(req) => self.handle(req, &mut cycle, &mut retention_due),
+                    Err(_) => break,
+                }
+            }
+            if retention_due {
+                retention_due = false;
+                self.expire(&mut cycle);
+            }
+            self.commit(cycle);
+        }
+        tracing::debug!("committer finished: all ingest connections are gone");
+    }
+
+    fn handle(&mut self, req: Request, cycle: &mut Cycle, retention_due: &mut bool) {
+        match req {
+            Request::Register { key, acks, reply } => {
+                let mem = self.streams.entry(key).or_insert_with(|| StreamMem {
+                    durable: StreamState::default(),
+                    accepted_seq: 0,
+                    accepted_cursor: None,
+                    watchers: Vec::new(),
+                });
+                mem.watchers.retain(|w| !w.is_closed());
+                mem.watchers.push(acks);
+                let resume = ResumePoint {
+                    last_seq: mem.durable.last_seq,
+                    cursor: mem.durable.cursor.clone(),
+                };
+                // The connection may have gone away meanwhile; nothing to do then.
+                let _ = reply.send(resume);
+            }
+            Request::Chunk(chunk) => self.accept(chunk, cycle),
+            Request::Rejected { vm } => {
+                self.vm_state(&vm).frames_rejected += 1;
+                cycle.touch_vm(&vm);
+            }
+            Request::RetentionTick => *retention_due = true,
+        }
+    }
+
+    fn vm_state(&mut self, vm: &str) -> &mut VmState {
+        self.vms.entry(vm.to_owned()).or_default()
+    }
+
+    fn stamp(&mut self) -> u64 {
+        let now = now_usec();
+        self.last_stamp = self.last_stamp.max(now);
+        self.last_stamp
+    }
+
+    fn accept(&mut self, chunk: Chunk, cycle: &mut Cycle) {
+        let stamp = self.stamp();
+        let (vm, stream) = chunk.key.clone();
+        cycle.touch_stream(&chunk.key);
+        cycle.touch_vm(&vm);
+        let vm_state = self.vm_state(&vm);
+        vm_state.fields_quarantined += chunk.quarantined;
+        if vm_state.first_seen_usec == 0 {
+            vm_state.first_seen_usec = stamp;
+        }
+        vm_state.last_seen_usec = stamp;
+
+        let mem = self.streams.get_mut(&chunk.key).expect("connections register before sending");
+        if mem.durable.first_seen_usec == 0 {
+            mem.durable.first_seen_usec = stamp;
+        }
+        mem.durable.last_seen_usec = stamp;
+        let records = cycle.records.entry(vm.clone()).or_default();
+        for item in chunk.items {
+            let (seq, kind, event) = match item {
+                Item::Event { seq, event } => (seq, RecordKind::Event, event),
+                Item::Gap { gap } => (gap.seq, RecordKind::Gap, agent_gap_event(&gap)),
+            };
+            // A replay after reconnect: already stored (or about to be), so dropping it
+            // is what makes delivery exactly-once.
+            if seq <= mem.accepted_seq {
+                continue;
+            }
+            // The agent numbers without holes, so a jump means events were lost before
+            // they reached us; record it rather than let the loss pass silently.
+            if seq > mem.accepted_seq + 1 {
+                let (from, to) = (mem.accepted_seq, seq);
+                let missing = to - from - 1;
+                records.push(sink_record(
+                    &vm,
+                    &stream,
+                    stamp,
+                    from + 1,
+                    RecordKind::Gap,
+                    gap_event(
+                        "seq",
+                        Some(missing),
+                        format!("{missing} events of stream {stream} never arrived (sequence jumped from {from} to {to})"),
+                    ),
+                ));
+            }
+            if kind == RecordKind::Event {
+                mem.accepted_cursor = event
+                    .get_str(fields::CURSOR)
+                    .filter(|c| c.len() <= MAX_CURSOR_LEN)
+                    .map(str::to_owned);
+            }
+            mem.accepted_seq = seq;
+            cycle.count += 1;
+            cycle.bytes += event.payload_len() + 32;
+            records.push(Record {
+                vm: vm.clone(),
+                stream: stream.clone(),
+                received_usec: stamp,
+                seq,
+                kind,
+                event,
+            });
+        }
+    }
+
+    /// Removes batches older than the retention period, for every VM.
+    fn expire(&mut self, cycle: &mut Cycle) {
+        let Some(cutoff) = now_usec().checked_sub(self.settings.retention.as_micros() as u64)
+        else {
+            return;
+        };
+        let vms: Vec<String> = self.vms.keys().cloned().collect();
+        for vm in vms {
+            let mut expired = 0u64;
+            let mut freed = 0u64;
+            for info in self.store.batches(&vm) {
+                let Ok(info) = info else { break };
+                if info.last_usec >= cutoff {
+                    break;
+                }
+                expired += u64::from(info.count);
+                freed += info.stored_len;
+                cycle.deletes.push(info.key);
+            }
+            if expired > 0 {
+                let st = self.vm_state(&vm);
+                st.events_stored = st.events_stored.saturating_sub(expired);
+                st.bytes_stored = st.bytes_stored.saturating_sub(freed);
+                st.events_expired += expired;
+                cycle.touch_vm(&vm);
+                log_events::retention_expired(&vm, expired);
+            }
+        }
+    }
+
+    /// Trims `vm` to below its quota by removing its own oldest batches, and records what
+    /// was removed as a gap in the VM's own record stream.
+    fn enforce_quota(&mut self, vm: &str, incoming: u64, cycle: &mut Cycle) -> Option<Record> {
+        let quota = self.settings.vm_quota_bytes;
+        let state = self.vms.get(vm)?;
+        if state.bytes_stored + incoming <= quota {
+            return None;
+        }
+        let target = (quota as f64 * QUOTA_LOW_WATERMARK) as u64;
+        let mut bytes = state.bytes_stored + incoming;
+        let (mut dropped, mut first, mut last) = (0u64, u64::MAX, 0u64);
+        for info in self.store.batches(vm) {
+            if bytes <= target {
+                break;
+            }
+            let Ok(info) = info else { break };
+            if cycle.deletes.contains(&info.key) {
+                continue;
+            }
+            bytes = bytes.saturating_sub(info.stored_len);
+            dropped += u64::from(info.count);
+            first = first.min(info.first_usec);
+            last = last.max(info.last_usec);
+            cycle.deletes.push(info.key);
+        }
+        if dropped == 0 {
+            return None;
+        }
+        let st = self.vm_state(vm);
+        st.events_stored = st.events_stored.saturating_sub(dropped);
+        st.bytes_stored = bytes.saturating_sub(incoming);
+        st.events_dropped_quota += dropped;
+        log_events::quota_trimmed(vm, dropped, quota);
+        let stamp = self.stamp();
+        let message = format!(
+            "{dropped} oldest events of {vm} (received {} to {}) were removed: the VM is over its quota of {quota} bytes",
+            format_usec(first),
+            format_usec(last)
+        );
+        Some(sink_record(vm, SINK_STREAM, stamp, 0, RecordKind::Gap, gap_event("quota", Some(dropped), message)))
+    }
+
+    fn commit(&mut self, mut cycle: Cycle) {
+        // Encode one batch per VM, trimming VMs over quota first so the new batch fits.
+        let mut set = CommitSet::default();
+        let mut published = Vec::new();
+        let vms: Vec<String> = cycle.records.keys().cloned().collect();
+        for vm in vms {
+            let mut records = cycle.records.remove(&vm).unwrap_or_default();
+            if records.is_empty() {
+                continue;
+            }
+            let estimate = records.iter().map(|r| r.event.payload_len() as u64).sum::<u64>() / 4;
+            if let Some(gap) = self.enforce_quota(&vm, estimate, &mut cycle) {
+                records.push(gap);
+            }
+            let id = self.next_batch_id;
+            self.next_batch_id += 1;
+            let (key, value) = Store::encode_batch(&vm, id, &records);
+            let st = self.vm_state(&vm);
+            st.events_stored += records.len() as u64;
+            st.bytes_stored += Store::stored_len(&key, &value);
+            set.batches.push((key, value));
+            published.extend(records);
+        }
+        if set.batches.is_empty() && cycle.deletes.is_empty() && cycle.touched_vms.is_empty() {
+            self.notify(&cycle.touched_streams);
+            return;
+        }
+
+        for key in &cycle.touched_streams {
+            let mem = self.streams.get(key).expect("touched streams are registered");
+            let mut st = mem.durable.clone();
+            st.last_seq = mem.accepted_seq;
+            st.cursor = mem.accepted_cursor.clone();
+            set.streams.push((key.clone(), st));
+        }
+        for vm in &cycle.touched_vms {
+            set.vms.push((vm.clone(), self.vms.get(vm).cloned().unwrap_or_default()));
+        }
+        set.deletes = std::mem::take(&mut cycle.deletes);
+        set.next_batch_id = self.next_batch_id;
+
+        // Retry until the store takes it: acking anything not on disk would be a lie,
+        // and taking new chunks meanwhile would only grow memory.
+        let mut backoff = Duration::from_millis(100);
+        let mut failures = 0u32;
+        while let Err(error) = self.store.commit(&set) {
+            failures += 1;
+            log_events::commit_failed(&error, failures);
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        if failures > 0 {
+            log_events::commit_recovered(failures);
+        }
+
+        for (key, st) in &set.streams {
+            if let Some(mem) = self.streams.get_mut(key) {
+                mem.durable = st.clone();
+            }
+        }
+        published.sort_by(|a, b| {
+            (a.received_usec, &a.vm, a.seq).cmp(&(b.received_usec, &b.vm, b.seq))
+        });
+        self.shared.publish(set.vms, set.streams, self.next_batch_id - 1, published);
+        self.notify(&cycle.touched_streams);
+    }
+
+    /// Raises the ack watermark of every connection on these streams.
+    fn notify(&mut self, keys: &[StreamKey]) {
+        for key in keys {
+            if let Some(mem) = self.streams.get_mut(key) {
+                let durable = mem.durable.last_seq;
+                mem.watchers.retain(|w| w.send(durable).is_ok());
+            }
+        }
+    }
+}
+
+impl Cycle {
+    fn touch_stream(&mut self, key: &StreamKey) {
+        if !self.touched_streams.contains(key) {
+            self.touched_streams.push(key.clone());
+        }
+    }
+
+    fn touch_vm(&mut self, vm: &str) {
+        if !self.touched_vms.iter().any(|v| v == vm) {
+            self.touched_vms.push(vm.to_owned());
+        }
+    }
+}
+
+/// A gap record's fields. `_QLOG_GAP` holds only values the sink chose.
+fn gap_event(reason: &str, missed: Option<u64>, message: String) -> Event {
+    let mut e = Event::new();
+    e.push(fields::MESSAGE, message);
+    e.push(fields::PRIORITY, "4");
+    e.push(fields::QLOG_GAP, reason);
+    if let Some(n) = missed {
+        e.push(fields::QLOG_GAP_COUNT, n.to_string());
+    }
+    e
+}
+
+/// Turns an agent's gap report into a record. The agent's reason and detail are its
+/// claims, so they go into ordinary fields; `_QLOG_GAP` only says the agent reported it.
+fn agent_gap_event(gap: &Gap) -> Event {
+    let detail: String = gap.detail.chars().take(1024).collect();
+    let reason: String = gap.reason.chars().take(64).collect();
+    let mut e = gap_event(
+        "agent",
+        gap.missed,
+        format!("the agent reported missing events ({reason}): {detail}"),
+    );
+    e.push("GAP_REASON", reason);
+    e
+}
+
+fn sink_record(vm: &str, stream: &str, stamp: u64, seq: u64, kind: RecordKind, event: Event) -> Record {
+    Record { vm: vm.to_owned(), stream: stream.to_owned(), received_usec: stamp, seq, kind, event }
+}
+
+pub fn now_usec() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+fn format_usec(usec: u64) -> String {
+    chrono::DateTime::from_timestamp_micros(usec as i64)
+        .map_or_else(|| usec.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S%.6f UTC").to_string())
+}

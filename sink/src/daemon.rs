@@ -1,0 +1,209 @@
+//! Wiring and lifecycle: open the store, bind both sockets, run until a signal.
+//!
+//! Shutdown is one sequence, owned here: on SIGTERM or SIGINT the listeners stop
+//! accepting, the shutdown flag tells every ingest connection to stop reading and hand
+//! over what it has, the committer commits that and raises the final acks, connections
+//! send them and close, and the process exits. Each step is bounded so the whole takes
+//! under two seconds even with peers that never read.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::committer::{Committer, Request, Settings};
+use crate::ingest::IngestContext;
+use crate::query::QueryContext;
+use crate::shared::Shared;
+use crate::store::Store;
+use crate::{ingest, log_events, notify, query};
+
+/// Everything qlogd needs to run; `main.rs` fills it from flags and the environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub ingest_socket: PathBuf,
+    pub query_socket: PathBuf,
+    /// Group to own the ingest socket (qrexec connects as root or the default user;
+    /// `qubes` in production). By default, the socket keeps our own group.
+    pub ingest_group: Option<String>,
+    /// Group whose members may query. By default, the socket keeps our own group.
+    pub query_group: Option<String>,
+    pub settings: Settings,
+    /// Bytes of sled page cache. By default, 64 MiB.
+    pub cache_bytes: u64,
+    /// Most ingest connections at once over all VMs. By default, 512.
+    pub max_connections: usize,
+    /// Most ingest connections at once from one VM. By default, 16.
+    pub max_connections_per_vm: usize,
+    /// Time a new ingest connection has to send its descriptor and hello. By default, 10 s.
+    pub handshake_timeout: Duration,
+}
+
+/// Most chunks queued for the committer; with `ingest::CHUNK_BYTES` this bounds the
+/// memory held between connections and the store.
+const COMMIT_QUEUE: usize = 64;
+/// How often age-based retention runs.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// Budget for connections to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let store = Store::open(&config.state_dir, config.cache_bytes)?;
+    let vms = store.load_vms()?.into_iter().collect();
+    let streams = store.load_streams()?.into_iter().collect();
+    let shared = Shared::new(vms, streams, store.next_batch_id()?.saturating_sub(1), config.settings.vm_quota_bytes);
+    let committer = Committer::new(store.clone(), Arc::clone(&shared), config.settings.clone())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("qlogd")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, store, shared, committer))
+}
+
+async fn serve(config: Config, store: Store, shared: Arc<Shared>, committer: Committer) -> anyhow::Result<()> {
+    let ingest_listener = bind(&config.ingest_socket, config.ingest_group.as_deref())?;
+    let query_listener = bind(&config.query_socket, config.query_group.as_deref())?;
+
+    let (commit_tx, commit_rx) = mpsc::channel(COMMIT_QUEUE);
+    let committer_thread = std::thread::Builder::new()
+        .name("qlogd-commit".into())
+        .spawn(move || committer.run(commit_rx))
+        .context("cannot start the committer thread")?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ingest_ctx = Arc::new(IngestContext::new(
+        commit_tx.clone(),
+        Arc::clone(&shared),
+        config.handshake_timeout,
+        config.max_connections_per_vm,
+        shutdown_rx.clone(),
+    ));
+    let query_ctx = Arc::new(QueryContext { store: store.clone(), shared: Arc::clone(&shared) });
+
+    // Retention ticks hold only a weak sender, so they never keep the committer alive.
+    let weak = commit_tx.downgrade();
+    drop(commit_tx);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(tx) = weak.upgrade() else { return };
+            if tx.send(Request::RetentionTick).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    log_events::listening(&config.ingest_socket, &config.query_socket, &config.state_dir);
+    notify::ready();
+
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut ingest_tasks = JoinSet::new();
+    let mut query_tasks = JoinSet::new();
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            accepted = ingest_listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                // Over the global limit the connection is closed at once; qrexec reports
+                // that to the agent, which backs off and retries.
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    log_events::too_many_connections("all", config.max_connections);
+                    continue;
+                };
+                let ctx = Arc::clone(&ingest_ctx);
+                ingest_tasks.spawn(async move {
+                    ingest::serve(stream, ctx).await;
+                    drop(permit);
+                });
+            }
+            accepted = query_listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                query_tasks.spawn(query::serve(stream, Arc::clone(&query_ctx)));
+            }
+            Some(_) = ingest_tasks.join_next(), if !ingest_tasks.is_empty() => {}
+            Some(_) = query_tasks.join_next(), if !query_tasks.is_empty() => {}
+        }
+    };
+
+    let started = Instant::now();
+    log_events::shutting_down(signal_name);
+    notify::stopping();
+    drop(ingest_listener);
+    drop(query_listener);
+    let _ = std::fs::remove_file(&config.ingest_socket);
+    let _ = std::fs::remove_file(&config.query_socket);
+    let _ = shutdown_tx.send(true);
+    query_tasks.abort_all();
+
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while ingest_tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        ingest_tasks.abort_all();
+    }
+    drop(ingest_ctx);
+    // The committer exits once the last sender is gone, after committing what is queued.
+    tokio::task::spawn_blocking(move || committer_thread.join()).await.ok();
+    log_events::shutdown_complete(started.elapsed());
+    Ok(())
+}
+
+/// Binds a Unix socket at `path`, mode 0660, replacing a stale socket file but never a
+/// live one or a file of another kind.
+fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                bail!("{} exists and is not a socket; remove it or choose another path", path.display());
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("{} is in use by a running qlogd; stop it first", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
+    if let Some(group) = group {
+        let gid = group_id(group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("cannot read /etc/group")?;
+    groups
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.split(':');
+            (parts.next() == Some(name)).then(|| parts.nth(1)?.parse().ok()).flatten()
+        })
+        .with_context(|| format!("group {name} does not exist; create it or pass a numeric gid"))
+}

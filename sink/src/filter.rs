@@ -1,0 +1,248 @@
+//! Query filters, compiled once per request and evaluated in the sink.
+//!
+//! Semantics follow journalctl: every criterion that is set must hold; within one
+//! criterion any value may match; `FIELD=VALUE` matches on the same field are OR'ed and
+//! across fields AND'ed. Time bounds apply to the sink's receive time, the only clock a
+//! source VM cannot set.
+
+use std::collections::BTreeMap;
+
+use qlog_rpc::fields;
+use qlog_rpc::query::{Filter, Record, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
+use regex::bytes::{Regex, RegexBuilder};
+
+/// Fields that name the unit an entry is about, as journalctl's `-u` considers them.
+const UNIT_FIELDS: &[&str] = &["_SYSTEMD_UNIT", "UNIT", "OBJECT_SYSTEMD_UNIT", "COREDUMP_UNIT"];
+
+/// Upper bound on the compiled program of a `--grep` pattern; a hostile or careless
+/// pattern fails to compile instead of eating memory.
+const REGEX_SIZE_LIMIT: usize = 4 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct CompiledFilter {
+    priority: Option<(u8, u8)>,
+    units: Vec<UnitPattern>,
+    identifiers: Vec<Vec<u8>>,
+    grep: Option<Regex>,
+    pub since_usec: Option<u64>,
+    pub until_usec: Option<u64>,
+    matches: BTreeMap<String, Vec<Vec<u8>>>,
+}
+
+#[derive(Debug)]
+enum UnitPattern {
+    Exact(Vec<u8>),
+    Glob(String),
+}
+
+impl CompiledFilter {
+    pub fn new(filter: &Filter) -> Result<CompiledFilter, String> {
+        let items = filter.units.len() + filter.identifiers.len() + filter.matches.len();
+        if items > MAX_REQUEST_ITEMS {
+            return Err(format!("query names {items} values; the limit is {MAX_REQUEST_ITEMS}"));
+        }
+        if let Some((lo, hi)) = filter.priority {
+            if lo > 7 || hi > 7 {
+                return Err(format!("priority range {lo}..{hi} is outside 0 (emerg) to 7 (debug)"));
+            }
+        }
+        let grep = match &filter.grep {
+            None => None,
+            Some(g) if g.pattern.len() > MAX_PATTERN_LEN => {
+                return Err(format!("grep pattern is longer than {MAX_PATTERN_LEN} bytes"))
+            }
+            Some(g) => Some(
+                RegexBuilder::new(&g.pattern)
+                    .case_insensitive(g.case_insensitive)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .build()
+                    .map_err(|e| format!("invalid grep pattern: {e}"))?,
+            ),
+        };
+        let mut matches: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for (field, value) in &filter.matches {
+            qlog_rpc::event::validate_field_name(field.as_bytes(), 64)
+                .map_err(|e| format!("invalid match {field}={value}: {e}"))?;
+            matches.entry(field.clone()).or_default().push(value.as_bytes().to_vec());
+        }
+        Ok(CompiledFilter {
+            priority: filter.priority.map(|(a, b)| (a.min(b), a.max(b))),
+            units: filter.units.iter().map(|u| UnitPattern::new(u)).collect(),
+            identifiers: filter.identifiers.iter().map(|i| i.as_bytes().to_vec()).collect(),
+            grep,
+            since_usec: filter.since_usec,
+            until_usec: filter.until_usec,
+            matches,
+        })
+    }
+
+    pub fn in_time_range(&self, usec: u64) -> bool {
+        self.since_usec.is_none_or(|s| usec >= s) && self.until_usec.is_none_or(|u| usec <= u)
+    }
+
+    pub fn matches(&self, r: &Record) -> bool {
+        if !self.in_time_range(r.received_usec) {
+            return false;
+        }
+        let ev = &r.event;
+        if let Some((lo, hi)) = self.priority {
+            let p = ev.get(fields::PRIORITY).and_then(parse_priority);
+            if !p.is_some_and(|p| p >= lo && p <= hi) {
+                return false;
+            }
+        }
+        if !self.units.is_empty() {
+            let hit = ev.fields.iter().any(|f| {
+                UNIT_FIELDS.contains(&f.name.as_str())
+                    && self.units.iter().any(|u| u.matches(&f.value))
+            });
+            if !hit {
+                return false;
+            }
+        }
+        if !self.identifiers.is_empty() {
+            let hit = ev.fields.iter().any(|f| {
+                f.name == fields::SYSLOG_IDENTIFIER && self.identifiers.contains(&f.value)
+            });
+            if !hit {
+                return false;
+            }
+        }
+        if let Some(re) = &self.grep {
+            if !ev.get(fields::MESSAGE).is_some_and(|m| re.is_match(m)) {
+                return false;
+            }
+        }
+        for (name, wanted) in &self.matches {
+            let hit = match name.as_str() {
+                fields::QLOG_VM => wanted.iter().any(|w| w == r.vm.as_bytes()),
+                fields::QLOG_STREAM => wanted.iter().any(|w| w == r.stream.as_bytes()),
+                _ => ev.fields.iter().any(|f| f.name == *name && wanted.contains(&f.value)),
+            };
+            if !hit {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn parse_priority(v: &[u8]) -> Option<u8> {
+    match v {
+        [d] if (b'0'..=b'7').contains(d) => Some(d - b'0'),
+        _ => None,
+    }
+}
+
+impl UnitPattern {
+    /// journalctl appends `.service` to a unit name without a suffix, and treats `*?[`
+    /// as a glob.
+    fn new(unit: &str) -> UnitPattern {
+        let unit = if unit.contains('.') || unit.contains('*') { unit.to_owned() } else { format!("{unit}.service") };
+        if unit.contains(['*', '?']) {
+            UnitPattern::Glob(unit)
+        } else {
+            UnitPattern::Exact(unit.into_bytes())
+        }
+    }
+
+    fn matches(&self, value: &[u8]) -> bool {
+        match self {
+            UnitPattern::Exact(u) => u == value,
+            UnitPattern::Glob(g) => glob_match(g.as_bytes(), value),
+        }
+    }
+}
+
+/// `*` and `?` globbing, iterative so a hostile pattern cannot recurse deeply.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlog_rpc::query::{Grep, RecordKind};
+    use qlog_rpc::Event;
+
+    fn rec(fields: &[(&str, &str)]) -> Record {
+        let mut event = Event::new();
+        for (k, v) in fields {
+            event.push(*k, *v);
+        }
+        Record { vm: "sd-app".into(), stream: "journal".into(), received_usec: 1000, seq: 1, kind: RecordKind::Event, event }
+    }
+
+    fn f(filter: Filter) -> CompiledFilter {
+        CompiledFilter::new(&filter).unwrap()
+    }
+
+    #[test]
+    fn priority_range_includes_both_ends_and_excludes_missing_priority() {
+        let err_and_worse = f(Filter { priority: Some((0, 3)), ..Default::default() });
+        assert!(err_and_worse.matches(&rec(&[("PRIORITY", "3")])));
+        assert!(!err_and_worse.matches(&rec(&[("PRIORITY", "4")])));
+        assert!(!err_and_worse.matches(&rec(&[("MESSAGE", "no priority")])));
+        let range = f(Filter { priority: Some((4, 3)), ..Default::default() });
+        assert!(range.matches(&rec(&[("PRIORITY", "4")])) && range.matches(&rec(&[("PRIORITY", "3")])));
+        assert!(!range.matches(&rec(&[("PRIORITY", "2")])));
+    }
+
+    #[test]
+    fn unit_names_get_service_suffix_and_globs() {
+        let u = f(Filter { units: vec!["sshd".into()], ..Default::default() });
+        assert!(u.matches(&rec(&[("_SYSTEMD_UNIT", "sshd.service")])));
+        assert!(!u.matches(&rec(&[("_SYSTEMD_UNIT", "sshd.socket")])));
+        let g = f(Filter { units: vec!["qubes-*".into()], ..Default::default() });
+        assert!(g.matches(&rec(&[("UNIT", "qubes-qrexec-agent.service")])));
+        assert!(glob_match(b"a*b?c", b"axxbyc") && !glob_match(b"a*b", b"ac"));
+    }
+
+    #[test]
+    fn same_field_is_or_and_different_fields_are_and() {
+        let m = f(Filter {
+            matches: vec![("A".into(), "1".into()), ("A".into(), "2".into()), ("B".into(), "x".into())],
+            ..Default::default()
+        });
+        assert!(m.matches(&rec(&[("A", "2"), ("B", "x")])));
+        assert!(!m.matches(&rec(&[("A", "2")])));
+        assert!(!m.matches(&rec(&[("A", "3"), ("B", "x")])));
+        let vm = f(Filter { matches: vec![("_QLOG_VM".into(), "sd-app".into())], ..Default::default() });
+        assert!(vm.matches(&rec(&[])));
+    }
+
+    #[test]
+    fn grep_honours_case_flag_and_bad_patterns_are_errors() {
+        let g = |p: &str, ci| f(Filter { grep: Some(Grep { pattern: p.into(), case_insensitive: ci }), ..Default::default() });
+        assert!(g("fail", true).matches(&rec(&[("MESSAGE", "Disk FAILED")])));
+        assert!(!g("fail", false).matches(&rec(&[("MESSAGE", "Disk FAILED")])));
+        assert!(!g("x", true).matches(&rec(&[])));
+        let bad = Filter { grep: Some(Grep { pattern: "(".into(), case_insensitive: false }), ..Default::default() };
+        assert!(CompiledFilter::new(&bad).unwrap_err().contains("invalid grep pattern"));
+    }
+
+    #[test]
+    fn time_bounds_are_inclusive_on_receive_time() {
+        let t = f(Filter { since_usec: Some(1000), until_usec: Some(1000), ..Default::default() });
+        assert!(t.matches(&rec(&[])));
+        let t = f(Filter { since_usec: Some(1001), ..Default::default() });
+        assert!(!t.matches(&rec(&[])));
+    }
+}

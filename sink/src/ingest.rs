@@ -1,0 +1,468 @@
+//! The ingest plane: one task per qrexec connection on the ingest socket.
+//!
+//! A connection is: the qrexec descriptor (the only source of the VM's identity), a Hello
+//! within the handshake timeout, our Welcome with the resume point, then events until End
+//! or EOF. Reading and acking run concurrently: a writer task sends the ack watermark
+//! whenever the committer raises it, coalescing acks the peer is too slow to read, so a
+//! peer that never reads cannot make us buffer. Everything a connection does wrong ends
+//! that connection only, with an Error frame saying why.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qlog_rpc::descriptor::{self, Descriptor};
+use qlog_rpc::event::decode_event_payload;
+use qlog_rpc::frame::{Frame, FrameDecoder, FrameType};
+use qlog_rpc::message::{self, decode_json, encode_json, encode_u64, negotiate_version};
+use qlog_rpc::{ErrorCode, ErrorFrame, Gap, Heartbeat, Hello, Limits, Welcome, INGEST_SERVICE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::committer::{Chunk, Item, Request};
+use crate::log_events;
+use crate::shared::Shared;
+
+/// Most events one chunk carries to the committer.
+const CHUNK_EVENTS: usize = 1024;
+/// Most payload bytes one chunk carries; with the committer's queue depth this bounds
+/// what ingest can hold in memory.
+const CHUNK_BYTES: usize = 256 * 1024;
+/// How long a final reply may take to write before we give up on a peer that won't read.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing connection waits for its last events to become durable.
+const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct IngestContext {
+    pub committer: mpsc::Sender<Request>,
+    pub shared: Arc<Shared>,
+    /// Limits announced to agents. Slightly below the protocol defaults so that a stored
+    /// record (event plus the sink's own fields) still fits in one query frame.
+    pub limits: Limits,
+    pub handshake_timeout: Duration,
+    pub max_connections_per_vm: usize,
+    per_vm: Mutex<HashMap<String, usize>>,
+    /// Flips to true when qlogd starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl IngestContext {
+    pub fn new(
+        committer: mpsc::Sender<Request>,
+        shared: Arc<Shared>,
+        handshake_timeout: Duration,
+        max_connections_per_vm: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> IngestContext {
+        let limits = Limits { max_frame_len: Limits::DEFAULT.max_frame_len - 64 * 1024, ..Limits::DEFAULT };
+        IngestContext {
+            committer,
+            shared,
+            limits,
+            handshake_timeout,
+            max_connections_per_vm,
+            per_vm: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+}
+
+/// Why a connection ended early, for the peer and for our log.
+struct Rejection {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Rejection {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
+        Rejection { code, message: message.into() }
+    }
+}
+
+/// Counts a VM's open connections; dropping it releases the slot.
+struct VmSlot {
+    ctx: Arc<IngestContext>,
+    vm: String,
+}
+
+impl Drop for VmSlot {
+    fn drop(&mut self) {
+        let mut per_vm = self.ctx.per_vm.lock().expect("per-VM table lock is never poisoned");
+        if let Some(n) = per_vm.get_mut(&self.vm) {
+            *n -= 1;
+            if *n == 0 {
+                per_vm.remove(&self.vm);
+            }
+        }
+    }
+}
+
+pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut decoder = FrameDecoder::new(ctx.limits);
+
+    let handshake = tokio::time::timeout(ctx.handshake_timeout, async {
+        let desc = read_descriptor(&mut rd, &mut decoder).await?;
+        let hello = read_hello(&mut rd, &mut decoder).await.map_err(|r| (Some(desc.source_vm.clone()), r))?;
+        Ok::<_, (Option<String>, Rejection)>((desc, hello))
+    })
+    .await;
+    let (desc, hello) = match handshake {
+        Ok(Ok(pair)) => pair,
+        Ok(Err((vm, rejection))) => return reject(&ctx, &mut wr, vm, rejection).await,
+        Err(_) => {
+            let r = Rejection::new(ErrorCode::BadHello, "no descriptor and hello within the handshake timeout");
+            return reject(&ctx, &mut wr, None, r).await;
+        }
+    };
+    let vm = desc.source_vm.clone();
+
+    let Some(_slot) = take_slot(&ctx, &vm) else {
+        log_events::too_many_connections(&vm, ctx.max_connections_per_vm);
+        let r = Rejection::new(
+            ErrorCode::TooManyConnections,
+            format!("this VM already has {} connections open", ctx.max_connections_per_vm),
+        );
+        return reject(&ctx, &mut wr, Some(vm), r).await;
+    };
+    let version = match negotiate_version(&hello.versions) {
+        Ok(v) => v,
+        Err(e) => return reject(&ctx, &mut wr, Some(vm), Rejection::new(ErrorCode::UnsupportedVersion, e.to_string())).await,
+    };
+    if let Err(e) = message::validate_stream_name(&hello.stream) {
+        return reject(&ctx, &mut wr, Some(vm), Rejection::new(ErrorCode::BadHello, e.to_string())).await;
+    }
+    let limits = hello.limits.map_or(ctx.limits, |l| ctx.limits.intersect(l));
+    decoder.set_limits(limits);
+
+    // Register with the committer: it owns the stream's durable position.
+    let key = (vm.clone(), hello.stream.clone());
+    let (ack_tx, ack_rx) = watch::channel(0u64);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let registered = ctx.committer.send(Request::Register { key: key.clone(), acks: ack_tx, reply: reply_tx }).await;
+    let resume = match (registered, reply_rx.await) {
+        (Ok(()), Ok(resume)) => resume,
+        _ => {
+            let r = Rejection::new(ErrorCode::ShuttingDown, "qlogd is shutting down; reconnect later");
+            return reject(&ctx, &mut wr, Some(vm), r).await;
+        }
+    };
+    let _connected = ctx.shared.connection(key.clone());
+    log_events::stream_opened(&vm, &hello.stream, resume.last_seq, &truncate(&hello.agent, 64));
+
+    let welcome = Welcome {
+        version,
+        sink: concat!("qlogd/", env!("CARGO_PKG_VERSION")).to_owned(),
+        vm: vm.clone(),
+        stream: hello.stream.clone(),
+        limits,
+        resume: resume.clone(),
+    };
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(4);
+    let writer = tokio::spawn(write_loop(wr, encode_json(FrameType::Welcome, &welcome), ack_rx.clone(), resume.last_seq, ctl_rx));
+
+    let mut conn = Connection {
+        ctx: Arc::clone(&ctx),
+        key,
+        decoder,
+        limits,
+        last_seq: 0,
+        max_seq: resume.last_seq,
+        chunk: Vec::new(),
+        chunk_bytes: 0,
+        quarantined: 0,
+    };
+    let outcome = conn.read_loop(&mut rd).await;
+    let clean = matches!(outcome, Outcome::End);
+
+    // Whatever ended the stream, events already received are valid: make them durable
+    // and tell the peer, which may still be reading after its half-close.
+    let flushed = conn.flush().await;
+    let target = conn.max_seq;
+    let mut acks = ack_rx;
+    let durable = flushed
+        && tokio::time::timeout(FINAL_ACK_TIMEOUT, acks.wait_for(|seq| *seq >= target)).await.is_ok_and(|r| r.is_ok());
+    match outcome {
+        Outcome::End if durable => {
+            let _ = ctl_tx.send(encode_u64(FrameType::End, target)).await;
+        }
+        Outcome::Rejected(r) => {
+            log_events::connection_rejected(&vm, &r.message);
+            let _ = ctx.committer.send(Request::Rejected { vm: vm.clone() }).await;
+            let _ = ctl_tx.send(ErrorFrame::new(r.code, r.message).encode()).await;
+        }
+        Outcome::Shutdown => {
+            let frame = ErrorFrame::new(ErrorCode::ShuttingDown, "qlogd is shutting down; reconnect later");
+            let _ = ctl_tx.send(frame.encode()).await;
+        }
+        _ => {}
+    }
+    drop(ctl_tx);
+    // The writer exits once it has sent what is queued; a peer that never reads must not
+    // keep the task alive.
+    let writer_abort = writer.abort_handle();
+    if tokio::time::timeout(FINAL_WRITE_TIMEOUT, writer).await.is_err() {
+        writer_abort.abort();
+    }
+    log_events::stream_closed(&vm, &conn.key.1, clean, target);
+}
+
+fn take_slot(ctx: &Arc<IngestContext>, vm: &str) -> Option<VmSlot> {
+    let mut per_vm = ctx.per_vm.lock().expect("per-VM table lock is never poisoned");
+    let n = per_vm.entry(vm.to_owned()).or_default();
+    if *n >= ctx.max_connections_per_vm {
+        return None;
+    }
+    *n += 1;
+    Some(VmSlot { ctx: Arc::clone(ctx), vm: vm.to_owned() })
+}
+
+async fn reject(ctx: &IngestContext, wr: &mut OwnedWriteHalf, vm: Option<String>, r: Rejection) {
+    log_events::connection_rejected(vm.as_deref().unwrap_or("unknown"), &r.message);
+    if let Some(vm) = vm {
+        let _ = ctx.committer.send(Request::Rejected { vm }).await;
+    }
+    let frame = ErrorFrame::new(r.code, r.message).encode();
+    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async {
+        wr.write_all(&frame).await?;
+        wr.shutdown().await
+    })
+    .await;
+}
+
+/// Reads up to and including the descriptor's NUL; bytes after it go to the decoder.
+async fn read_descriptor(
+    rd: &mut OwnedReadHalf,
+    decoder: &mut FrameDecoder,
+) -> Result<Descriptor, (Option<String>, Rejection)> {
+    let bad = |m: String| (None, Rejection::new(ErrorCode::BadDescriptor, m));
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = rd.read(&mut chunk).await.map_err(|e| bad(format!("reading the descriptor: {e}")))?;
+        if n == 0 {
+            return Err(bad("connection closed before the qrexec descriptor ended".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match descriptor::find_end(&buf) {
+            Ok(Some(end)) => {
+                let desc = descriptor::parse(&buf[..end], INGEST_SERVICE).map_err(|e| bad(e.to_string()))?;
+                decoder.feed(&buf[end..]);
+                return Ok(desc);
+            }
+            Ok(None) => continue,
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    }
+}
+
+async fn read_frame(rd: &mut OwnedReadHalf, decoder: &mut FrameDecoder) -> Result<Option<Frame>, Rejection> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(frame) = decoder.next_frame().map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))? {
+            return Ok(Some(frame));
+        }
+        let n = rd.read(&mut chunk).await.map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        decoder.feed(&chunk[..n]);
+    }
+}
+
+async fn read_hello(rd: &mut OwnedReadHalf, decoder: &mut FrameDecoder) -> Result<Hello, Rejection> {
+    match read_frame(rd, decoder).await? {
+        Some(Frame { ty: FrameType::Hello, payload }) => {
+            decode_json(FrameType::Hello, &payload).map_err(|e| Rejection::new(ErrorCode::BadHello, e.to_string()))
+        }
+        Some(f) => Err(Rejection::new(ErrorCode::UnexpectedFrame, format!("expected a Hello frame first, got {:?}", f.ty))),
+        None => Err(Rejection::new(ErrorCode::BadHello, "connection closed before the Hello frame")),
+    }
+}
+
+enum Outcome {
+    End,
+    Eof,
+    Shutdown,
+    Rejected(Rejection),
+}
+
+struct Connection {
+    ctx: Arc<IngestContext>,
+    key: (String, String),
+    decoder: FrameDecoder,
+    limits: Limits,
+    /// Highest sequence number seen on this connection (0 before the first): each
+    /// event must go above it.
+    last_seq: u64,
+    /// Highest sequence number this connection must see durable before its final ack.
+    max_seq: u64,
+    chunk: Vec<Item>,
+    chunk_bytes: usize,
+    quarantined: u64,
+}
+
+impl Connection {
+    async fn read_loop(&mut self, rd: &mut OwnedReadHalf) -> Outcome {
+        let mut shutdown = self.ctx.shutdown.clone();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => {
+                        return match self.decoder.finish() {
+                            Ok(()) => Outcome::Eof,
+                            Err(e) => Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
+                        };
+                    }
+                    Ok(n) => n,
+                },
+            };
+            self.decoder.feed(&buf[..n]);
+            loop {
+                let frame = match self.decoder.next_frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => return Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
+                };
+                match self.handle(frame) {
+                    Ok(false) => {}
+                    Ok(true) => return Outcome::End,
+                    Err(r) => return Outcome::Rejected(r),
+                }
+                if (self.chunk.len() >= CHUNK_EVENTS || self.chunk_bytes >= CHUNK_BYTES) && !self.flush().await {
+                    return Outcome::Shutdown;
+                }
+            }
+            if !self.flush().await {
+                return Outcome::Shutdown;
+            }
+        }
+    }
+
+    /// Within one connection sequence numbers must rise. They may start at or below the
+    /// resume point: that is a replay, and the committer drops what it already has.
+    fn check_seq(&self, seq: u64) -> Result<(), Rejection> {
+        if seq <= self.last_seq {
+            return Err(Rejection::new(
+                ErrorCode::SequenceNotIncreasing,
+                format!("sequence number {seq} does not follow {}", self.last_seq),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Returns true at End.
+    fn handle(&mut self, frame: Frame) -> Result<bool, Rejection> {
+        match frame.ty {
+            FrameType::Event => {
+                let (seq, mut event) = decode_event_payload(&frame.payload, &self.limits)
+                    .map_err(|e| Rejection::new(ErrorCode::BadEvent, e.to_string()))?;
+                self.check_seq(seq)?;
+                self.quarantined += event.quarantine_trusted() as u64;
+                self.accept_seq(seq);
+                self.chunk_bytes += frame.payload.len();
+                self.chunk.push(Item::Event { seq, event });
+            }
+            FrameType::Gap => {
+                let gap: Gap = decode_json(FrameType::Gap, &frame.payload)
+                    .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+                self.check_seq(gap.seq)?;
+                self.accept_seq(gap.seq);
+                self.chunk_bytes += frame.payload.len();
+                self.chunk.push(Item::Gap { gap });
+            }
+            FrameType::Heartbeat => {
+                // FIXME: heartbeats are parsed but not yet recorded; health tracking
+                // needs a per-VM liveness table, which the committer does not keep yet.
+                let _: Heartbeat = decode_json(FrameType::Heartbeat, &frame.payload)
+                    .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+            }
+            FrameType::End => {
+                let last = message::decode_u64(FrameType::End, &frame.payload)
+                    .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+                if last > self.max_seq {
+                    return Err(Rejection::new(
+                        ErrorCode::BadFrame,
+                        format!("End names sequence {last}, but the last event received was {}", self.max_seq),
+                    ));
+                }
+                return Ok(true);
+            }
+            other => {
+                return Err(Rejection::new(ErrorCode::UnexpectedFrame, format!("{other:?} frames are not valid on the ingest stream")));
+            }
+        }
+        Ok(false)
+    }
+
+    fn accept_seq(&mut self, seq: u64) {
+        self.last_seq = seq;
+        self.max_seq = self.max_seq.max(seq);
+    }
+
+    /// Hands the pending chunk to the committer, waiting for room: this wait is the
+    /// backpressure that reaches the agent. False if the committer is gone.
+    async fn flush(&mut self) -> bool {
+        if self.chunk.is_empty() {
+            return true;
+        }
+        let chunk = Chunk { key: self.key.clone(), items: std::mem::take(&mut self.chunk), quarantined: std::mem::take(&mut self.quarantined) };
+        self.chunk_bytes = 0;
+        self.ctx.committer.send(Request::Chunk(chunk)).await.is_ok()
+    }
+}
+
+/// Sends the welcome, then the ack watermark whenever it rises, then any control frames.
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    welcome: Vec<u8>,
+    mut acks: watch::Receiver<u64>,
+    mut sent: u64,
+    mut ctl: mpsc::Receiver<Vec<u8>>,
+) {
+    if wr.write_all(&welcome).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            changed = acks.changed() => {
+                if changed.is_err() {
+                    // The committer is gone; only control frames can follow.
+                    while let Some(frame) = ctl.recv().await {
+                        if wr.write_all(&frame).await.is_err() { return; }
+                    }
+                    break;
+                }
+                let seq = *acks.borrow_and_update();
+                if seq > sent {
+                    sent = seq;
+                    if wr.write_all(&encode_u64(FrameType::Ack, seq)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            frame = ctl.recv() => match frame {
+                Some(frame) => {
+                    // A final frame must not overtake the ack it follows.
+                    let seq = *acks.borrow_and_update();
+                    if seq > sent {
+                        sent = seq;
+                        if wr.write_all(&encode_u64(FrameType::Ack, seq)).await.is_err() { return; }
+                    }
+                    if wr.write_all(&frame).await.is_err() { return; }
+                }
+                None => break,
+            },
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}

@@ -1,0 +1,112 @@
+//! Every operator-facing event qlogd logs, one function each.
+//!
+//! This file is the full list of what qlogd can complain about. Levels follow one rule:
+//! INFO is lifecycle, WARN is recovered with nothing lost, ERROR is data lost or an
+//! operator must act. Anything a hostile VM can trigger repeatedly goes through
+//! [`RateLimit`], so a flood of bad input cannot flood the log.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::store::StoreError;
+
+/// At most one message per key per interval; the rest are counted and the count is
+/// reported with the next message that gets through.
+struct RateLimit {
+    interval: Duration,
+    seen: Mutex<BTreeMap<String, (Instant, u64)>>,
+}
+
+impl RateLimit {
+    const fn new() -> RateLimit {
+        RateLimit { interval: Duration::from_secs(10), seen: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Returns `Some(suppressed)` if a message for `key` may be logged now.
+    fn check(&self, key: &str) -> Option<u64> {
+        let mut seen = self.seen.lock().expect("rate limit lock is never poisoned");
+        // Keys are trusted VM names plus a few fixed strings, but stay bounded anyway.
+        if seen.len() > 4096 {
+            seen.clear();
+        }
+        let now = Instant::now();
+        match seen.get_mut(key) {
+            Some((last, suppressed)) if now.duration_since(*last) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                seen.insert(key.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+static LIMIT: RateLimit = RateLimit::new();
+
+pub fn listening(ingest: &Path, query: &Path, state_dir: &Path) {
+    tracing::info!(ingest = %ingest.display(), query = %query.display(), state_dir = %state_dir.display(), "qlogd ready");
+}
+
+pub fn shutting_down(signal: &str) {
+    tracing::info!(signal, "shutting down: no new connections, committing what is queued");
+}
+
+pub fn shutdown_complete(elapsed: Duration) {
+    tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "shutdown complete");
+}
+
+pub fn connection_rejected(peer: &str, error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = LIMIT.check(&format!("reject:{peer}")) {
+        tracing::warn!(vm = peer, suppressed, error = %error, "ingest connection rejected");
+    }
+}
+
+pub fn stream_opened(vm: &str, stream: &str, resume_seq: u64, agent: &str) {
+    if LIMIT.check(&format!("open:{vm}:{stream}")).is_some() {
+        tracing::info!(vm, stream, resume_seq, agent, "stream connected");
+    }
+}
+
+pub fn stream_closed(vm: &str, stream: &str, clean: bool, last_seq: u64) {
+    tracing::debug!(vm, stream, clean, last_seq, "stream closed");
+}
+
+pub fn too_many_connections(vm: &str, limit: usize) {
+    if let Some(suppressed) = LIMIT.check(&format!("conns:{vm}")) {
+        tracing::warn!(vm, limit, suppressed, "refusing connection: too many open from this VM");
+    }
+}
+
+pub fn quota_trimmed(vm: &str, dropped: u64, quota: u64) {
+    if let Some(suppressed) = LIMIT.check(&format!("quota:{vm}")) {
+        tracing::error!(vm, dropped, quota, suppressed, "VM over quota: its oldest events were removed");
+    }
+}
+
+pub fn retention_expired(vm: &str, expired: u64) {
+    tracing::info!(vm, expired, "events past the retention period removed");
+}
+
+pub fn commit_failed(error: &StoreError, attempt: u32) {
+    if let Some(suppressed) = LIMIT.check("commit") {
+        tracing::error!(error = %error, attempt, suppressed, "commit failed: acks are held until the store accepts writes again");
+    }
+}
+
+pub fn commit_recovered(failures: u32) {
+    tracing::warn!(failures, "commits succeed again; acks resume");
+}
+
+pub fn query_failed(error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = LIMIT.check("query") {
+        tracing::warn!(error = %error, suppressed, "query failed");
+    }
+}

@@ -1,0 +1,396 @@
+//! The query plane: answers the `qlog` CLI on the local query socket.
+//!
+//! A query reads the store on a blocking thread, merging the requested VMs' batches by
+//! (receive time, VM, sequence), and streams `Record` frames back through a small bounded
+//! channel, so a client that reads slowly holds a few frames, not the result set. A
+//! follower subscribes to the committer's live feed *before* reading history and skips
+//! cycles its history already covered, so nothing falls between the two. Ingest never
+//! waits for a follower: a follower that cannot keep up is told how much it missed.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qlog_rpc::frame::{encode, FrameDecoder, FrameType};
+use qlog_rpc::message::{decode_json, encode_json};
+use qlog_rpc::query::{Done, EventsQuery, Lagged, Record, Request, VmsReply, MAX_REQUEST_ITEMS};
+use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::filter::CompiledFilter;
+use crate::log_events;
+use crate::shared::Shared;
+use crate::store::{decode_batch, BatchInfo, Store, StoreError};
+
+/// Frames are sent in chunks of about this many bytes.
+const SEND_CHUNK: usize = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct QueryContext {
+    pub store: Store,
+    pub shared: Arc<Shared>,
+}
+
+pub async fn serve(stream: UnixStream, ctx: Arc<QueryContext>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut rd)).await {
+        Ok(Ok(req)) => req,
+        Ok(Err(message)) => return send_error(&mut wr, ErrorCode::BadQuery, message).await,
+        Err(_) => return send_error(&mut wr, ErrorCode::BadQuery, "no query within 10 s".into()).await,
+    };
+    match request {
+        Request::Vms => {
+            let reply = VmsReply { vms: ctx.shared.vm_infos() };
+            let _ = wr.write_all(&encode_json(FrameType::Reply, &reply)).await;
+        }
+        Request::Events(q) => {
+            if let Err((code, message)) = run_events(q, &ctx, &mut rd, &mut wr).await {
+                log_events::query_failed(&message);
+                send_error(&mut wr, code, message).await;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn send_error(wr: &mut OwnedWriteHalf, code: ErrorCode, message: String) {
+    let _ = wr.write_all(&ErrorFrame::new(code, message).encode()).await;
+    let _ = wr.shutdown().await;
+}
+
+async fn read_request(rd: &mut tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    let mut decoder = FrameDecoder::new(Limits::DEFAULT);
+    let mut buf = [0u8; 4096];
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(f)) if f.ty == FrameType::Query => {
+                return decode_json(FrameType::Query, &f.payload).map_err(|e| e.to_string())
+            }
+            Ok(Some(f)) => return Err(format!("expected a Query frame, got {:?}", f.ty)),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let n = rd.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before a whole Query frame arrived".into());
+        }
+        decoder.feed(&buf[..n]);
+    }
+}
+
+type QueryError = (ErrorCode, String);
+
+async fn run_events(
+    q: EventsQuery,
+    ctx: &QueryContext,
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+) -> Result<(), QueryError> {
+    let filter = CompiledFilter::new(&q.filter).map_err(|m| (ErrorCode::BadQuery, m))?;
+    let known = ctx.shared.known_vms();
+    if q.vms.len() > MAX_REQUEST_ITEMS {
+        return Err((ErrorCode::BadQuery, format!("query names more than {MAX_REQUEST_ITEMS} VMs")));
+    }
+    let unknown: Vec<&String> = q.vms.iter().filter(|v| !known.contains(v)).collect();
+    if !unknown.is_empty() {
+        let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        return Err((ErrorCode::UnknownVm, format!("unknown VM {list}; known VMs: {}", known.join(", "))));
+    }
+    let vms = if q.vms.is_empty() { known } else { q.vms.clone() };
+
+    // Subscribe before reading the store: see the module docs.
+    let live = q.follow.then(|| ctx.shared.subscribe());
+    let watermark = ctx.shared.committed_batch_id();
+    let filter = Arc::new(filter);
+
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
+    let store = ctx.store.clone();
+    let history_filter = Arc::clone(&filter);
+    let (limit, reverse) = (q.limit, q.reverse);
+    let producer = tokio::task::spawn_blocking(move || {
+        history(&store, &vms, &history_filter, limit, reverse, watermark, &tx)
+    });
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk.map_err(|m| (ErrorCode::Internal, m))?;
+        if wr.write_all(&chunk).await.is_err() {
+            return Ok(());
+        }
+    }
+    let matched = producer.await.map_err(|e| (ErrorCode::Internal, format!("query task failed: {e}")))?;
+    if wr.write_all(&encode_json(FrameType::Done, &Done { matched })).await.is_err() {
+        return Ok(());
+    }
+    let Some(live) = live else { return Ok(()) };
+    follow(live, watermark, &filter, &q.vms, rd, wr).await;
+    Ok(())
+}
+
+/// Streams the stored matches; returns how many there were.
+fn history(
+    store: &Store,
+    vms: &[String],
+    filter: &CompiledFilter,
+    limit: Option<u64>,
+    reverse: bool,
+    watermark: u64,
+    tx: &mpsc::Sender<Result<Vec<u8>, String>>,
+) -> u64 {
+    let mut out = FrameSink { tx, buf: Vec::with_capacity(SEND_CHUNK), open: true };
+    let mut matched = 0u64;
+    match limit {
+        // The last N matches: walk backwards until N are found, then send them in the
+        // requested order.
+        Some(n) => {
+            let mut merge = Merge::new(store, vms, filter, true, watermark);
+            let mut found = Vec::new();
+            while (found.len() as u64) < n {
+                match merge.next() {
+                    Some(Ok(r)) => found.push(r),
+                    Some(Err(e)) => return out.fail(e),
+                    None => break,
+                }
+            }
+            if !reverse {
+                found.reverse();
+            }
+            for r in &found {
+                matched += 1;
+                out.record(r);
+            }
+        }
+        None => {
+            for r in Merge::new(store, vms, filter, reverse, watermark) {
+                match r {
+                    Ok(r) => {
+                        matched += 1;
+                        out.record(&r);
+                        if !out.open {
+                            break;
+                        }
+                    }
+                    Err(e) => return out.fail(e),
+                }
+            }
+        }
+    }
+    out.flush();
+    matched
+}
+
+struct FrameSink<'a> {
+    tx: &'a mpsc::Sender<Result<Vec<u8>, String>>,
+    buf: Vec<u8>,
+    /// False once the client has gone: stop producing.
+    open: bool,
+}
+
+impl FrameSink<'_> {
+    fn record(&mut self, r: &Record) {
+        let mut payload = Vec::with_capacity(256);
+        r.encode(&mut payload);
+        encode(FrameType::Record, &payload, &mut self.buf);
+        if self.buf.len() >= SEND_CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.buf.is_empty() && self.open {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_CHUNK));
+            self.open = self.tx.blocking_send(Ok(chunk)).is_ok();
+        }
+    }
+
+    fn fail(&mut self, e: StoreError) -> u64 {
+        self.flush();
+        let _ = self.tx.blocking_send(Err(e.to_string()));
+        0
+    }
+}
+
+/// One VM's matching records in time order (or reverse), decoded a batch at a time.
+struct VmCursor<'a> {
+    batches: Box<dyn Iterator<Item = Result<(BatchInfo, sled::IVec), StoreError>> + Send + 'a>,
+    pending: VecDeque<Record>,
+    filter: &'a CompiledFilter,
+    reverse: bool,
+    watermark: u64,
+}
+
+impl Iterator for VmCursor<'_> {
+    type Item = Result<Record, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            while let Some(r) = self.pending.pop_front() {
+                if self.filter.matches(&r) {
+                    return Some(Ok(r));
+                }
+            }
+            let (info, value) = match self.batches.next()? {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            // Batches committed after the follow watermark reach a follower live.
+            if batch_id(&info.key) > self.watermark {
+                continue;
+            }
+            let mut records = match decode_batch(&info.key, &value) {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e)),
+            };
+            if self.reverse {
+                records.reverse();
+            }
+            self.pending = records.into();
+        }
+    }
+}
+
+fn batch_id(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .map_or(0, |at| u64::from_be_bytes(key[at..].try_into().expect("8 bytes")))
+}
+
+/// Ordering key for merging VMs: (receive time, VM, sequence).
+struct Head {
+    record: Record,
+    source: usize,
+    reverse: bool,
+}
+
+impl Head {
+    fn key(&self) -> (u64, &str, u64) {
+        (self.record.received_usec, &self.record.vm, self.record.seq)
+    }
+}
+
+impl PartialEq for Head {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Head {}
+impl PartialOrd for Head {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Head {
+    /// BinaryHeap pops the greatest: forward merges invert the order to pop the oldest.
+    fn cmp(&self, other: &Self) -> Ordering {
+        let ord = self.key().cmp(&other.key());
+        if self.reverse {
+            ord
+        } else {
+            ord.reverse()
+        }
+    }
+}
+
+struct Merge<'a> {
+    cursors: Vec<VmCursor<'a>>,
+    heap: BinaryHeap<Head>,
+    primed: bool,
+    reverse: bool,
+    error: Option<StoreError>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(store: &'a Store, vms: &[String], filter: &'a CompiledFilter, reverse: bool, watermark: u64) -> Merge<'a> {
+        let cursors = vms
+            .iter()
+            .map(|vm| VmCursor {
+                batches: store.scan(vm, filter.since_usec, filter.until_usec, reverse),
+                pending: VecDeque::new(),
+                filter,
+                reverse,
+                watermark,
+            })
+            .collect();
+        Merge { cursors, heap: BinaryHeap::new(), primed: false, reverse, error: None }
+    }
+
+    fn pull(&mut self, source: usize) {
+        match self.cursors[source].next() {
+            Some(Ok(record)) => self.heap.push(Head { record, source, reverse: self.reverse }),
+            Some(Err(e)) => self.error = Some(e),
+            None => {}
+        }
+    }
+}
+
+impl Iterator for Merge<'_> {
+    type Item = Result<Record, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.primed {
+            self.primed = true;
+            for i in 0..self.cursors.len() {
+                self.pull(i);
+            }
+        }
+        if let Some(e) = self.error.take() {
+            return Some(Err(e));
+        }
+        let head = self.heap.pop()?;
+        self.pull(head.source);
+        Some(Ok(head.record))
+    }
+}
+
+/// Sends matches from the live feed until the client hangs up.
+async fn follow(
+    mut live: broadcast::Receiver<Arc<crate::shared::Committed>>,
+    watermark: u64,
+    filter: &CompiledFilter,
+    vms: &[String],
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+) {
+    let mut seen_events: Option<u64> = None;
+    let mut lagging = false;
+    let mut probe = [0u8; 64];
+    loop {
+        let cycle = tokio::select! {
+            // The client sends nothing after its query; a read returning means it is gone.
+            _ = rd.read(&mut probe) => return,
+            c = live.recv() => c,
+        };
+        let cycle = match cycle {
+            Ok(c) => c,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                lagging = true;
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if lagging {
+            lagging = false;
+            let missed = seen_events.map_or(0, |seen| cycle.events_before.saturating_sub(seen));
+            if wr.write_all(&encode_json(FrameType::Lagged, &Lagged { missed })).await.is_err() {
+                return;
+            }
+        }
+        seen_events = Some(cycle.events_before + cycle.records.len() as u64);
+        if cycle.last_batch_id <= watermark {
+            continue;
+        }
+        let mut buf = Vec::new();
+        for r in &cycle.records {
+            if (vms.is_empty() || vms.contains(&r.vm)) && filter.matches(r) {
+                let mut payload = Vec::with_capacity(256);
+                r.encode(&mut payload);
+                encode(FrameType::Record, &payload, &mut buf);
+            }
+        }
+        if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}

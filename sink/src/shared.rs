@@ -1,0 +1,158 @@
+//! State the committer publishes and the query plane reads.
+//!
+//! The committer thread owns the authoritative accounting; after each commit it copies
+//! what changed into [`Shared`] so that queries never wait on ingest. Ingest connections
+//! only touch the live-connection counts, through [`ConnectionGuard`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use qlog_rpc::query::{Record, StreamInfo, VmInfo};
+use tokio::sync::broadcast;
+
+use crate::store::{StreamState, VmState};
+
+/// (VM, stream): the unit of sequence numbers and resume points.
+pub type StreamKey = (String, String);
+
+/// One commit cycle as followers see it.
+#[derive(Debug)]
+pub struct Committed {
+    /// Highest batch id written in this cycle. A follower that read the store up to batch
+    /// id W skips cycles with `last_batch_id <= W`.
+    pub last_batch_id: u64,
+    /// Events committed before this cycle, over all VMs: lets a lagging follower count
+    /// what it missed.
+    pub events_before: u64,
+    /// The cycle's records, ordered by (receive time, VM, sequence).
+    pub records: Vec<Record>,
+}
+
+pub struct Shared {
+    vms: Mutex<BTreeMap<String, VmState>>,
+    streams: Mutex<BTreeMap<StreamKey, StreamState>>,
+    connections: Mutex<HashMap<StreamKey, usize>>,
+    /// Highest batch id that is durable. Written only by the committer, after the flush
+    /// and before the broadcast, which is what makes follow-after-history gap-free.
+    committed_batch_id: AtomicU64,
+    events_committed: AtomicU64,
+    /// Live feed of commit cycles. Sending never blocks; slow followers lag instead.
+    live: broadcast::Sender<Arc<Committed>>,
+    quota_bytes: u64,
+}
+
+impl Shared {
+    pub fn new(
+        vms: BTreeMap<String, VmState>,
+        streams: BTreeMap<StreamKey, StreamState>,
+        committed_batch_id: u64,
+        quota_bytes: u64,
+    ) -> Arc<Shared> {
+        let events = vms.values().map(|v| v.events_stored).sum();
+        // 256 cycles of slack: a follower can stall for that many commits (typically
+        // several seconds of heavy ingest) before it is told it lagged.
+        let (live, _) = broadcast::channel(256);
+        Arc::new(Shared {
+            vms: Mutex::new(vms),
+            streams: Mutex::new(streams),
+            connections: Mutex::new(HashMap::new()),
+            committed_batch_id: AtomicU64::new(committed_batch_id),
+            events_committed: AtomicU64::new(events),
+            live,
+            quota_bytes,
+        })
+    }
+
+    pub fn committed_batch_id(&self) -> u64 {
+        self.committed_batch_id.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
+        self.live.subscribe()
+    }
+
+    /// Called by the committer once a cycle is durable.
+    pub fn publish(
+        &self,
+        vms: impl IntoIterator<Item = (String, VmState)>,
+        streams: impl IntoIterator<Item = (StreamKey, StreamState)>,
+        last_batch_id: u64,
+        records: Vec<Record>,
+    ) {
+        self.vms.lock().expect("vm table lock is never poisoned").extend(vms);
+        self.streams.lock().expect("stream table lock is never poisoned").extend(streams);
+        if records.is_empty() {
+            return;
+        }
+        let n = records.len() as u64;
+        let events_before = self.events_committed.fetch_add(n, Ordering::AcqRel);
+        self.committed_batch_id.store(last_batch_id, Ordering::Release);
+        // No follower listening is fine: the send error only says so.
+        let _ = self.live.send(Arc::new(Committed { last_batch_id, events_before, records }));
+    }
+
+    pub fn events_committed(&self) -> u64 {
+        self.events_committed.load(Ordering::Acquire)
+    }
+
+    pub fn known_vms(&self) -> Vec<String> {
+        self.vms.lock().expect("vm table lock is never poisoned").keys().cloned().collect()
+    }
+
+    /// One row per VM for `qlog vms`.
+    pub fn vm_infos(&self) -> Vec<VmInfo> {
+        let vms = self.vms.lock().expect("vm table lock is never poisoned").clone();
+        let streams = self.streams.lock().expect("stream table lock is never poisoned").clone();
+        let conns = self.connections.lock().expect("connection table lock is never poisoned");
+        vms.into_iter()
+            .map(|(vm, s)| {
+                let streams: Vec<StreamInfo> = streams
+                    .iter()
+                    .filter(|((v, _), _)| *v == vm)
+                    .map(|((v, name), st)| StreamInfo {
+                        name: name.clone(),
+                        last_seq: st.last_seq,
+                        connected: conns.get(&(v.clone(), name.clone())).is_some_and(|n| *n > 0),
+                    })
+                    .collect();
+                VmInfo {
+                    connected: streams.iter().any(|s| s.connected),
+                    vm,
+                    first_seen_usec: s.first_seen_usec,
+                    last_seen_usec: s.last_seen_usec,
+                    events_stored: s.events_stored,
+                    bytes_stored: s.bytes_stored,
+                    quota_bytes: self.quota_bytes,
+                    events_dropped_quota: s.events_dropped_quota,
+                    events_expired: s.events_expired,
+                    frames_rejected: s.frames_rejected,
+                    fields_quarantined: s.fields_quarantined,
+                    streams,
+                }
+            })
+            .collect()
+    }
+
+    /// Counts a live ingest connection for `key` until the guard drops.
+    pub fn connection(self: &Arc<Self>, key: StreamKey) -> ConnectionGuard {
+        *self.connections.lock().expect("connection table lock is never poisoned").entry(key.clone()).or_default() += 1;
+        ConnectionGuard { shared: Arc::clone(self), key }
+    }
+}
+
+/// Marks a stream as connected; dropping it marks the connection gone.
+pub struct ConnectionGuard {
+    shared: Arc<Shared>,
+    key: StreamKey,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut conns =
+            self.shared.connections.lock().expect("connection table lock is never poisoned");
+        if let Some(n) = conns.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}

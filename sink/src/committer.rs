@@ -314,7 +314,14 @@ impl Committer {
             format_usec(first),
             format_usec(last)
         );
-        Some(sink_record(vm, SINK_STREAM, stamp, 0, RecordKind::Gap, gap_event("quota", Some(dropped), message)))
+        Some(sink_record(
+            vm,
+            SINK_STREAM,
+            stamp,
+            0,
+            RecordKind::Gap,
+            gap_event("quota", Some(dropped), message),
+        ))
     }
 
     fn commit(&mut self, mut cycle: Cycle) {
@@ -377,9 +384,8 @@ impl Committer {
                 mem.durable = st.clone();
             }
         }
-        published.sort_by(|a, b| {
-            (a.received_usec, &a.vm, a.seq).cmp(&(b.received_usec, &b.vm, b.seq))
-        });
+        published
+            .sort_by(|a, b| (a.received_usec, &a.vm, a.seq).cmp(&(b.received_usec, &b.vm, b.seq)));
         self.shared.publish(set.vms, set.streams, self.next_batch_id - 1, published);
         self.notify(&cycle.touched_streams);
     }
@@ -435,7 +441,14 @@ fn agent_gap_event(gap: &Gap) -> Event {
     e
 }
 
-fn sink_record(vm: &str, stream: &str, stamp: u64, seq: u64, kind: RecordKind, event: Event) -> Record {
+fn sink_record(
+    vm: &str,
+    stream: &str,
+    stamp: u64,
+    seq: u64,
+    kind: RecordKind,
+    event: Event,
+) -> Record {
     Record { vm: vm.to_owned(), stream: stream.to_owned(), received_usec: stamp, seq, kind, event }
 }
 

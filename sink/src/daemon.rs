@@ -58,7 +58,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.state_dir, config.cache_bytes)?;
     let vms = store.load_vms()?.into_iter().collect();
     let streams = store.load_streams()?.into_iter().collect();
-    let shared = Shared::new(vms, streams, store.next_batch_id()?.saturating_sub(1), config.settings.vm_quota_bytes);
+    let shared = Shared::new(
+        vms,
+        streams,
+        store.next_batch_id()?.saturating_sub(1),
+        config.settings.vm_quota_bytes,
+    );
     let committer = Committer::new(store.clone(), Arc::clone(&shared), config.settings.clone())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -69,7 +74,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(serve(config, store, shared, committer))
 }
 
-async fn serve(config: Config, store: Store, shared: Arc<Shared>, committer: Committer) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    store: Store,
+    shared: Arc<Shared>,
+    committer: Committer,
+) -> anyhow::Result<()> {
     let ingest_listener = bind(&config.ingest_socket, config.ingest_group.as_deref())?;
     let query_listener = bind(&config.query_socket, config.query_group.as_deref())?;
 
@@ -104,8 +114,10 @@ async fn serve(config: Config, store: Store, shared: Arc<Shared>, committer: Com
         }
     });
 
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     log_events::listening(&config.ingest_socket, &config.query_socket, &config.state_dir);
     notify::ready();
 
@@ -173,17 +185,22 @@ fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
         Ok(meta) => {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
-                bail!("{} exists and is not a socket; remove it or choose another path", path.display());
+                bail!(
+                    "{} exists and is not a socket; remove it or choose another path",
+                    path.display()
+                );
             }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!("{} is in use by a running qlogd; stop it first", path.display());
             }
-            std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
     if let Some(group) = group {

@@ -138,7 +138,11 @@ impl UnitPattern {
     /// journalctl appends `.service` to a unit name without a suffix, and treats `*?[`
     /// as a glob.
     fn new(unit: &str) -> UnitPattern {
-        let unit = if unit.contains('.') || unit.contains('*') { unit.to_owned() } else { format!("{unit}.service") };
+        let unit = if unit.contains('.') || unit.contains('*') {
+            unit.to_owned()
+        } else {
+            format!("{unit}.service")
+        };
         if unit.contains(['*', '?']) {
             UnitPattern::Glob(unit)
         } else {
@@ -187,7 +191,14 @@ mod tests {
         for (k, v) in fields {
             event.push(*k, *v);
         }
-        Record { vm: "sd-app".into(), stream: "journal".into(), received_usec: 1000, seq: 1, kind: RecordKind::Event, event }
+        Record {
+            vm: "sd-app".into(),
+            stream: "journal".into(),
+            received_usec: 1000,
+            seq: 1,
+            kind: RecordKind::Event,
+            event,
+        }
     }
 
     fn f(filter: Filter) -> CompiledFilter {
@@ -201,7 +212,9 @@ mod tests {
         assert!(!err_and_worse.matches(&rec(&[("PRIORITY", "4")])));
         assert!(!err_and_worse.matches(&rec(&[("MESSAGE", "no priority")])));
         let range = f(Filter { priority: Some((4, 3)), ..Default::default() });
-        assert!(range.matches(&rec(&[("PRIORITY", "4")])) && range.matches(&rec(&[("PRIORITY", "3")])));
+        assert!(
+            range.matches(&rec(&[("PRIORITY", "4")])) && range.matches(&rec(&[("PRIORITY", "3")]))
+        );
         assert!(!range.matches(&rec(&[("PRIORITY", "2")])));
     }
 
@@ -218,23 +231,36 @@ mod tests {
     #[test]
     fn same_field_is_or_and_different_fields_are_and() {
         let m = f(Filter {
-            matches: vec![("A".into(), "1".into()), ("A".into(), "2".into()), ("B".into(), "x".into())],
+            matches: vec![
+                ("A".into(), "1".into()),
+                ("A".into(), "2".into()),
+                ("B".into(), "x".into()),
+            ],
             ..Default::default()
         });
         assert!(m.matches(&rec(&[("A", "2"), ("B", "x")])));
         assert!(!m.matches(&rec(&[("A", "2")])));
         assert!(!m.matches(&rec(&[("A", "3"), ("B", "x")])));
-        let vm = f(Filter { matches: vec![("_QLOG_VM".into(), "sd-app".into())], ..Default::default() });
+        let vm =
+            f(Filter { matches: vec![("_QLOG_VM".into(), "sd-app".into())], ..Default::default() });
         assert!(vm.matches(&rec(&[])));
     }
 
     #[test]
     fn grep_honours_case_flag_and_bad_patterns_are_errors() {
-        let g = |p: &str, ci| f(Filter { grep: Some(Grep { pattern: p.into(), case_insensitive: ci }), ..Default::default() });
+        let g = |p: &str, ci| {
+            f(Filter {
+                grep: Some(Grep { pattern: p.into(), case_insensitive: ci }),
+                ..Default::default()
+            })
+        };
         assert!(g("fail", true).matches(&rec(&[("MESSAGE", "Disk FAILED")])));
         assert!(!g("fail", false).matches(&rec(&[("MESSAGE", "Disk FAILED")])));
         assert!(!g("x", true).matches(&rec(&[])));
-        let bad = Filter { grep: Some(Grep { pattern: "(".into(), case_insensitive: false }), ..Default::default() };
+        let bad = Filter {
+            grep: Some(Grep { pattern: "(".into(), case_insensitive: false }),
+            ..Default::default()
+        };
         assert!(CompiledFilter::new(&bad).unwrap_err().contains("invalid grep pattern"));
     }
 

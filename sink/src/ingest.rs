@@ -56,7 +56,8 @@ impl IngestContext {
         max_connections_per_vm: usize,
         shutdown: watch::Receiver<bool>,
     ) -> IngestContext {
-        let limits = Limits { max_frame_len: Limits::DEFAULT.max_frame_len - 64 * 1024, ..Limits::DEFAULT };
+        let limits =
+            Limits { max_frame_len: Limits::DEFAULT.max_frame_len - 64 * 1024, ..Limits::DEFAULT };
         IngestContext {
             committer,
             shared,
@@ -105,7 +106,9 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
 
     let handshake = tokio::time::timeout(ctx.handshake_timeout, async {
         let desc = read_descriptor(&mut rd, &mut decoder).await?;
-        let hello = read_hello(&mut rd, &mut decoder).await.map_err(|r| (Some(desc.source_vm.clone()), r))?;
+        let hello = read_hello(&mut rd, &mut decoder)
+            .await
+            .map_err(|r| (Some(desc.source_vm.clone()), r))?;
         Ok::<_, (Option<String>, Rejection)>((desc, hello))
     })
     .await;
@@ -113,7 +116,10 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         Ok(Ok(pair)) => pair,
         Ok(Err((vm, rejection))) => return reject(&ctx, &mut wr, vm, rejection).await,
         Err(_) => {
-            let r = Rejection::new(ErrorCode::BadHello, "no descriptor and hello within the handshake timeout");
+            let r = Rejection::new(
+                ErrorCode::BadHello,
+                "no descriptor and hello within the handshake timeout",
+            );
             return reject(&ctx, &mut wr, None, r).await;
         }
     };
@@ -129,10 +135,19 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     };
     let version = match negotiate_version(&hello.versions) {
         Ok(v) => v,
-        Err(e) => return reject(&ctx, &mut wr, Some(vm), Rejection::new(ErrorCode::UnsupportedVersion, e.to_string())).await,
+        Err(e) => {
+            return reject(
+                &ctx,
+                &mut wr,
+                Some(vm),
+                Rejection::new(ErrorCode::UnsupportedVersion, e.to_string()),
+            )
+            .await
+        }
     };
     if let Err(e) = message::validate_stream_name(&hello.stream) {
-        return reject(&ctx, &mut wr, Some(vm), Rejection::new(ErrorCode::BadHello, e.to_string())).await;
+        return reject(&ctx, &mut wr, Some(vm), Rejection::new(ErrorCode::BadHello, e.to_string()))
+            .await;
     }
     let limits = hello.limits.map_or(ctx.limits, |l| ctx.limits.intersect(l));
     decoder.set_limits(limits);
@@ -141,11 +156,15 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     let key = (vm.clone(), hello.stream.clone());
     let (ack_tx, ack_rx) = watch::channel(0u64);
     let (reply_tx, reply_rx) = oneshot::channel();
-    let registered = ctx.committer.send(Request::Register { key: key.clone(), acks: ack_tx, reply: reply_tx }).await;
+    let registered = ctx
+        .committer
+        .send(Request::Register { key: key.clone(), acks: ack_tx, reply: reply_tx })
+        .await;
     let resume = match (registered, reply_rx.await) {
         (Ok(()), Ok(resume)) => resume,
         _ => {
-            let r = Rejection::new(ErrorCode::ShuttingDown, "qlogd is shutting down; reconnect later");
+            let r =
+                Rejection::new(ErrorCode::ShuttingDown, "qlogd is shutting down; reconnect later");
             return reject(&ctx, &mut wr, Some(vm), r).await;
         }
     };
@@ -161,7 +180,13 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         resume: resume.clone(),
     };
     let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(4);
-    let writer = tokio::spawn(write_loop(wr, encode_json(FrameType::Welcome, &welcome), ack_rx.clone(), resume.last_seq, ctl_rx));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        encode_json(FrameType::Welcome, &welcome),
+        ack_rx.clone(),
+        resume.last_seq,
+        ctl_rx,
+    ));
 
     let mut conn = Connection {
         ctx: Arc::clone(&ctx),
@@ -183,7 +208,9 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     let target = conn.max_seq;
     let mut acks = ack_rx;
     let durable = flushed
-        && tokio::time::timeout(FINAL_ACK_TIMEOUT, acks.wait_for(|seq| *seq >= target)).await.is_ok_and(|r| r.is_ok());
+        && tokio::time::timeout(FINAL_ACK_TIMEOUT, acks.wait_for(|seq| *seq >= target))
+            .await
+            .is_ok_and(|r| r.is_ok());
     match outcome {
         Outcome::End if durable => {
             let _ = ctl_tx.send(encode_u64(FrameType::End, target)).await;
@@ -194,7 +221,8 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
             let _ = ctl_tx.send(ErrorFrame::new(r.code, r.message).encode()).await;
         }
         Outcome::Shutdown => {
-            let frame = ErrorFrame::new(ErrorCode::ShuttingDown, "qlogd is shutting down; reconnect later");
+            let frame =
+                ErrorFrame::new(ErrorCode::ShuttingDown, "qlogd is shutting down; reconnect later");
             let _ = ctl_tx.send(frame.encode()).await;
         }
         _ => {}
@@ -241,14 +269,16 @@ async fn read_descriptor(
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = rd.read(&mut chunk).await.map_err(|e| bad(format!("reading the descriptor: {e}")))?;
+        let n =
+            rd.read(&mut chunk).await.map_err(|e| bad(format!("reading the descriptor: {e}")))?;
         if n == 0 {
             return Err(bad("connection closed before the qrexec descriptor ended".into()));
         }
         buf.extend_from_slice(&chunk[..n]);
         match descriptor::find_end(&buf) {
             Ok(Some(end)) => {
-                let desc = descriptor::parse(&buf[..end], INGEST_SERVICE).map_err(|e| bad(e.to_string()))?;
+                let desc = descriptor::parse(&buf[..end], INGEST_SERVICE)
+                    .map_err(|e| bad(e.to_string()))?;
                 decoder.feed(&buf[end..]);
                 return Ok(desc);
             }
@@ -258,13 +288,21 @@ async fn read_descriptor(
     }
 }
 
-async fn read_frame(rd: &mut OwnedReadHalf, decoder: &mut FrameDecoder) -> Result<Option<Frame>, Rejection> {
+async fn read_frame(
+    rd: &mut OwnedReadHalf,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<Frame>, Rejection> {
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(frame) = decoder.next_frame().map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))? {
+        if let Some(frame) =
+            decoder.next_frame().map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?
+        {
             return Ok(Some(frame));
         }
-        let n = rd.read(&mut chunk).await.map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+        let n = rd
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
         if n == 0 {
             return Ok(None);
         }
@@ -272,13 +310,20 @@ async fn read_frame(rd: &mut OwnedReadHalf, decoder: &mut FrameDecoder) -> Resul
     }
 }
 
-async fn read_hello(rd: &mut OwnedReadHalf, decoder: &mut FrameDecoder) -> Result<Hello, Rejection> {
+async fn read_hello(
+    rd: &mut OwnedReadHalf,
+    decoder: &mut FrameDecoder,
+) -> Result<Hello, Rejection> {
     match read_frame(rd, decoder).await? {
-        Some(Frame { ty: FrameType::Hello, payload }) => {
-            decode_json(FrameType::Hello, &payload).map_err(|e| Rejection::new(ErrorCode::BadHello, e.to_string()))
+        Some(Frame { ty: FrameType::Hello, payload }) => decode_json(FrameType::Hello, &payload)
+            .map_err(|e| Rejection::new(ErrorCode::BadHello, e.to_string())),
+        Some(f) => Err(Rejection::new(
+            ErrorCode::UnexpectedFrame,
+            format!("expected a Hello frame first, got {:?}", f.ty),
+        )),
+        None => {
+            Err(Rejection::new(ErrorCode::BadHello, "connection closed before the Hello frame"))
         }
-        Some(f) => Err(Rejection::new(ErrorCode::UnexpectedFrame, format!("expected a Hello frame first, got {:?}", f.ty))),
-        None => Err(Rejection::new(ErrorCode::BadHello, "connection closed before the Hello frame")),
     }
 }
 
@@ -327,14 +372,21 @@ impl Connection {
                 let frame = match self.decoder.next_frame() {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
-                    Err(e) => return Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
+                    Err(e) => {
+                        return Outcome::Rejected(Rejection::new(
+                            ErrorCode::BadFrame,
+                            e.to_string(),
+                        ))
+                    }
                 };
                 match self.handle(frame) {
                     Ok(false) => {}
                     Ok(true) => return Outcome::End,
                     Err(r) => return Outcome::Rejected(r),
                 }
-                if (self.chunk.len() >= CHUNK_EVENTS || self.chunk_bytes >= CHUNK_BYTES) && !self.flush().await {
+                if (self.chunk.len() >= CHUNK_EVENTS || self.chunk_bytes >= CHUNK_BYTES)
+                    && !self.flush().await
+                {
                     return Outcome::Shutdown;
                 }
             }
@@ -388,13 +440,19 @@ impl Connection {
                 if last > self.max_seq {
                     return Err(Rejection::new(
                         ErrorCode::BadFrame,
-                        format!("End names sequence {last}, but the last event received was {}", self.max_seq),
+                        format!(
+                            "End names sequence {last}, but the last event received was {}",
+                            self.max_seq
+                        ),
                     ));
                 }
                 return Ok(true);
             }
             other => {
-                return Err(Rejection::new(ErrorCode::UnexpectedFrame, format!("{other:?} frames are not valid on the ingest stream")));
+                return Err(Rejection::new(
+                    ErrorCode::UnexpectedFrame,
+                    format!("{other:?} frames are not valid on the ingest stream"),
+                ));
             }
         }
         Ok(false)
@@ -411,7 +469,11 @@ impl Connection {
         if self.chunk.is_empty() {
             return true;
         }
-        let chunk = Chunk { key: self.key.clone(), items: std::mem::take(&mut self.chunk), quarantined: std::mem::take(&mut self.quarantined) };
+        let chunk = Chunk {
+            key: self.key.clone(),
+            items: std::mem::take(&mut self.chunk),
+            quarantined: std::mem::take(&mut self.quarantined),
+        };
         self.chunk_bytes = 0;
         self.ctx.committer.send(Request::Chunk(chunk)).await.is_ok()
     }

@@ -87,7 +87,13 @@ pub fn too_many_connections(vm: &str, limit: usize) {
 
 pub fn quota_trimmed(vm: &str, dropped: u64, quota: u64) {
     if let Some(suppressed) = LIMIT.check(&format!("quota:{vm}")) {
-        tracing::error!(vm, dropped, quota, suppressed, "VM over quota: its oldest events were removed");
+        tracing::error!(
+            vm,
+            dropped,
+            quota,
+            suppressed,
+            "VM over quota: its oldest events were removed"
+        );
     }
 }
 

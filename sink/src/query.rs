@@ -40,7 +40,9 @@ pub async fn serve(stream: UnixStream, ctx: Arc<QueryContext>) {
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut rd)).await {
         Ok(Ok(req)) => req,
         Ok(Err(message)) => return send_error(&mut wr, ErrorCode::BadQuery, message).await,
-        Err(_) => return send_error(&mut wr, ErrorCode::BadQuery, "no query within 10 s".into()).await,
+        Err(_) => {
+            return send_error(&mut wr, ErrorCode::BadQuery, "no query within 10 s".into()).await
+        }
     };
     match request {
         Request::Vms => {
@@ -93,12 +95,18 @@ async fn run_events(
     let filter = CompiledFilter::new(&q.filter).map_err(|m| (ErrorCode::BadQuery, m))?;
     let known = ctx.shared.known_vms();
     if q.vms.len() > MAX_REQUEST_ITEMS {
-        return Err((ErrorCode::BadQuery, format!("query names more than {MAX_REQUEST_ITEMS} VMs")));
+        return Err((
+            ErrorCode::BadQuery,
+            format!("query names more than {MAX_REQUEST_ITEMS} VMs"),
+        ));
     }
     let unknown: Vec<&String> = q.vms.iter().filter(|v| !known.contains(v)).collect();
     if !unknown.is_empty() {
         let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-        return Err((ErrorCode::UnknownVm, format!("unknown VM {list}; known VMs: {}", known.join(", "))));
+        return Err((
+            ErrorCode::UnknownVm,
+            format!("unknown VM {list}; known VMs: {}", known.join(", ")),
+        ));
     }
     let vms = if q.vms.is_empty() { known } else { q.vms.clone() };
 
@@ -120,7 +128,8 @@ async fn run_events(
             return Ok(());
         }
     }
-    let matched = producer.await.map_err(|e| (ErrorCode::Internal, format!("query task failed: {e}")))?;
+    let matched =
+        producer.await.map_err(|e| (ErrorCode::Internal, format!("query task failed: {e}")))?;
     if wr.write_all(&encode_json(FrameType::Done, &Done { matched })).await.is_err() {
         return Ok(());
     }
@@ -302,7 +311,13 @@ struct Merge<'a> {
 }
 
 impl<'a> Merge<'a> {
-    fn new(store: &'a Store, vms: &[String], filter: &'a CompiledFilter, reverse: bool, watermark: u64) -> Merge<'a> {
+    fn new(
+        store: &'a Store,
+        vms: &[String],
+        filter: &'a CompiledFilter,
+        reverse: bool,
+        watermark: u64,
+    ) -> Merge<'a> {
         let cursors = vms
             .iter()
             .map(|vm| VmCursor {

@@ -136,7 +136,12 @@ impl Shared {
 
     /// Counts a live ingest connection for `key` until the guard drops.
     pub fn connection(self: &Arc<Self>, key: StreamKey) -> ConnectionGuard {
-        *self.connections.lock().expect("connection table lock is never poisoned").entry(key.clone()).or_default() += 1;
+        *self
+            .connections
+            .lock()
+            .expect("connection table lock is never poisoned")
+            .entry(key.clone())
+            .or_default() += 1;
         ConnectionGuard { shared: Arc::clone(self), key }
     }
 }

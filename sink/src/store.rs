@@ -298,7 +298,11 @@ pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError>
         pos += used;
     }
     if records.len() != info.count as usize {
-        return Err(corrupt(format!("header says {} records, found {}", info.count, records.len())));
+        return Err(corrupt(format!(
+            "header says {} records, found {}",
+            info.count,
+            records.len()
+        )));
     }
     Ok(records)
 }
@@ -389,7 +393,14 @@ mod tests {
     fn record(vm: &str, usec: u64, seq: u64) -> Record {
         let mut event = Event::new();
         event.push("MESSAGE", format!("event {seq}"));
-        Record { vm: vm.into(), stream: "s".into(), received_usec: usec, seq, kind: RecordKind::Event, event }
+        Record {
+            vm: vm.into(),
+            stream: "s".into(),
+            received_usec: usec,
+            seq,
+            kind: RecordKind::Event,
+            event,
+        }
     }
 
     fn commit_batches(store: &Store, batches: Vec<(String, u64, Vec<Record>)>) {
@@ -423,7 +434,10 @@ mod tests {
         };
         assert_eq!(seqs(None, None, false), (1..=20).collect::<Vec<_>>());
         assert_eq!(seqs(Some(115), None, false), (16..=20).collect::<Vec<_>>());
-        assert_eq!(seqs(Some(105), Some(108), false), (1..=10).filter(|s| *s >= 6).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(Some(105), Some(108), false),
+            (1..=10).filter(|s| *s >= 6).collect::<Vec<_>>()
+        );
         // Reverse scans reverse the batch order; records inside a batch stay oldest first.
         assert_eq!(seqs(None, None, true)[..10], (11..=20).collect::<Vec<_>>()[..]);
         assert_eq!(store.batches("ab").count(), 1, "vm names that share a prefix stay apart");

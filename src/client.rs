@@ -1,0 +1,153 @@
+//! The CLI's side of the query plane: connect, send one request, read frames.
+//!
+//! Connection failures become messages that say what to do: qlogd not running, or the
+//! socket's group the operator is missing.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use qlog_rpc::frame::{encode_to_vec, Frame, FrameDecoder, FrameType};
+use qlog_rpc::message::decode_json;
+use qlog_rpc::query::{Record, Request, VmsReply};
+use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
+
+pub struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+/// What a query stream yields.
+pub enum Reply {
+    Record(Record),
+    /// The stored part is complete.
+    Done,
+    /// A follower missed this many events.
+    Lagged(u64),
+}
+
+/// An error frame from qlogd, kept typed so callers can react to the code.
+#[derive(Debug)]
+pub struct SinkError(pub ErrorFrame);
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "qlogd refused the query: {}", self.0.message)
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+impl Client {
+    pub fn connect(path: &Path) -> anyhow::Result<Client> {
+        let stream = UnixStream::connect(path).map_err(|e| connect_error(path, e))?;
+        Ok(Client { stream, decoder: FrameDecoder::new(Limits::DEFAULT), buf: vec![0; 64 * 1024] })
+    }
+
+    pub fn send(&mut self, request: &Request) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(request).expect("requests serialise");
+        self.stream
+            .write_all(&encode_to_vec(FrameType::Query, &payload))
+            .context("cannot send the query to qlogd")
+    }
+
+    fn next_frame(&mut self) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) =
+                self.decoder.next_frame().context("qlogd sent a malformed frame")?
+            {
+                return Ok(Some(frame));
+            }
+            let n = match self.stream.read(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("lost the connection to qlogd"),
+            };
+            if n == 0 {
+                self.decoder.finish().context("qlogd closed the connection mid-frame")?;
+                return Ok(None);
+            }
+            self.decoder.feed(&self.buf[..n]);
+        }
+    }
+
+    /// Reads the next reply of an events query; `None` when qlogd closed the stream.
+    pub fn next_reply(&mut self) -> anyhow::Result<Option<Reply>> {
+        let Some(frame) = self.next_frame()? else { return Ok(None) };
+        match frame.ty {
+            FrameType::Record => {
+                let limits =
+                    Limits { max_fields: u32::MAX, max_value_len: u32::MAX, ..Limits::DEFAULT };
+                let (record, _) = Record::decode(&frame.payload, &limits)
+                    .context("qlogd sent a malformed record")?;
+                Ok(Some(Reply::Record(record)))
+            }
+            FrameType::Done => Ok(Some(Reply::Done)),
+            FrameType::Lagged => {
+                let lagged: qlog_rpc::query::Lagged = decode_json(frame.ty, &frame.payload)?;
+                Ok(Some(Reply::Lagged(lagged.missed)))
+            }
+            FrameType::Error => Err(sink_error(&frame)),
+            other => bail!("qlogd sent an unexpected {other:?} frame"),
+        }
+    }
+
+    pub fn vms(path: &Path) -> anyhow::Result<VmsReply> {
+        let mut client = Client::connect(path)?;
+        client.send(&Request::Vms)?;
+        match client.next_frame()? {
+            Some(f) if f.ty == FrameType::Reply => Ok(decode_json(f.ty, &f.payload)?),
+            Some(f) if f.ty == FrameType::Error => Err(sink_error(&f)),
+            Some(f) => bail!("qlogd sent an unexpected {:?} frame", f.ty),
+            None => bail!("qlogd closed the connection without a reply"),
+        }
+    }
+}
+
+fn sink_error(frame: &Frame) -> anyhow::Error {
+    match decode_json::<ErrorFrame>(frame.ty, &frame.payload) {
+        Ok(e) => anyhow::Error::new(SinkError(e)),
+        Err(e) => anyhow!("qlogd sent an unreadable error: {e}"),
+    }
+}
+
+/// True if the error is qlogd saying a VM is unknown.
+pub fn is_unknown_vm(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<SinkError>().is_some_and(|s| s.0.code == ErrorCode::UnknownVm)
+}
+
+fn connect_error(path: &Path, e: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        NotFound | ConnectionRefused => anyhow!(
+            "cannot reach qlogd at {} (is qlogd running? set QLOG_QUERY_SOCKET or --socket to its query socket)",
+            path.display()
+        ),
+        PermissionDenied => {
+            let group = socket_group(path).unwrap_or_else(|| "the socket's group".into());
+            anyhow!(
+                "permission denied on {}: only members of group {group} may query (add yourself with `sudo adduser $USER {group}` and log in again)",
+                path.display()
+            )
+        }
+        _ => anyhow!("cannot connect to qlogd at {}: {e}", path.display()),
+    }
+}
+
+fn socket_group(path: &Path) -> Option<String> {
+    let gid = std::fs::metadata(path).ok()?.gid();
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut parts = line.split(':');
+        let name = parts.next()?;
+        (parts.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_owned())
+    })
+}
+
+/// The query socket from `--socket` or `QLOG_QUERY_SOCKET`, else the production path.
+pub fn default_socket() -> PathBuf {
+    PathBuf::from("/run/qlog/query.sock")
+}

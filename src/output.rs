@@ -1,0 +1,283 @@
+//! Output formats: how one stored record is printed.
+//!
+//! `short`, `short-iso`, `short-precise` and `cat` are for people and escape everything
+//! (see [`crate::escape`]); `json` and `json-pretty` are always valid JSON, with values
+//! that are not UTF-8 as byte arrays as journalctl does; `export` is the journal export
+//! format, which systemd-journal-remote turns back into a journal file.
+//!
+//! The VM shown is always the trusted one from qrexec. Where the VM's own claims disagree
+//! with what the sink knows (its `_HOSTNAME`, or a timestamp far from the receive time),
+//! the text formats say so next to the VM name.
+
+use std::io::Write;
+
+use chrono::{DateTime, Local, TimeZone};
+use clap::ValueEnum;
+use qlog_rpc::fields;
+use qlog_rpc::query::{Record, RecordKind};
+use serde_json::{Map, Value};
+
+use crate::escape::{display_value, escape_line};
+
+/// A claimed timestamp further than this from the receive time is marked.
+const CLAIMED_TIME_SKEW_USEC: u64 = 5 * 60 * 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Short,
+    ShortIso,
+    ShortPrecise,
+    Json,
+    JsonPretty,
+    Export,
+    Cat,
+}
+
+pub struct Printer {
+    pub format: Format,
+    pub color: bool,
+}
+
+impl Printer {
+    pub fn print(&self, r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+        match self.format {
+            Format::Short | Format::ShortIso | Format::ShortPrecise => self.short(r, out),
+            Format::Cat => {
+                let msg = r.event.get(fields::MESSAGE).unwrap_or_default();
+                let text = display_value(msg, true);
+                self.colored(priority(r), &text, out)?;
+                writeln!(out)
+            }
+            Format::Json => {
+                serde_json::to_writer(&mut *out, &json(r))?;
+                writeln!(out)
+            }
+            Format::JsonPretty => {
+                serde_json::to_writer_pretty(&mut *out, &json(r))?;
+                writeln!(out)
+            }
+            Format::Export => export(r, out),
+        }
+    }
+
+    fn colored(&self, prio: Option<u8>, text: &str, out: &mut impl Write) -> std::io::Result<()> {
+        let code = match prio {
+            _ if !self.color => None,
+            Some(0..=3) => Some("\x1b[1;31m"),
+            Some(4) => Some("\x1b[1;33m"),
+            Some(5) => Some("\x1b[1;39m"),
+            Some(7) => Some("\x1b[2;39m"),
+            _ => None,
+        };
+        match code {
+            Some(code) => write!(out, "{code}{text}\x1b[0m"),
+            None => write!(out, "{text}"),
+        }
+    }
+
+    fn short(&self, r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+        let time = format_time(r.received_usec, self.format);
+        let mut head = format!("{time} {}", r.vm);
+        let claims = claims(r);
+        if !claims.is_empty() {
+            head.push_str(&format!(" [{}]", claims.join(", ")));
+        }
+        if r.kind != RecordKind::Event {
+            let msg = r.event.get(fields::MESSAGE).map(|m| escape_line(m)).unwrap_or_default();
+            write!(out, "{head} ")?;
+            self.colored(Some(4), &format!("-- qlog: {msg} --"), out)?;
+            return writeln!(out);
+        }
+        let ident = r
+            .event
+            .get(fields::SYSLOG_IDENTIFIER)
+            .or_else(|| r.event.get("_COMM"))
+            .map_or_else(|| "unknown".to_owned(), escape_line);
+        let pid = r.event.get("_PID").or_else(|| r.event.get("SYSLOG_PID")).map(escape_line);
+        head.push(' ');
+        head.push_str(&ident);
+        if let Some(pid) = pid {
+            head.push_str(&format!("[{pid}]"));
+        }
+        head.push_str(": ");
+        let msg = r.event.get(fields::MESSAGE).unwrap_or_default();
+        let text = display_value(msg, true);
+        // Continuation lines line up under the first, as journalctl lays them out.
+        let indent = " ".repeat(head.chars().count());
+        let text = text.trim_end_matches('\n').replace('\n', &format!("\n{indent}"));
+        write!(out, "{head}")?;
+        self.colored(priority(r), &text, out)?;
+        writeln!(out)
+    }
+}
+
+fn priority(r: &Record) -> Option<u8> {
+    match r.event.get(fields::PRIORITY)? {
+        [d @ b'0'..=b'7'] => Some(d - b'0'),
+        _ => None,
+    }
+}
+
+/// Where the VM's claims disagree with what the sink knows.
+fn claims(r: &Record) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(host) = r.event.get(fields::HOSTNAME) {
+        if host != r.vm.as_bytes() {
+            out.push(format!("claims host \"{}\"", escape_line(host)));
+        }
+    }
+    let claimed = r
+        .event
+        .get_str(fields::SOURCE_REALTIME_TIMESTAMP)
+        .or_else(|| r.event.get_str(fields::REALTIME_TIMESTAMP))
+        .and_then(|s| s.parse::<u64>().ok());
+    if let Some(t) = claimed {
+        if t.abs_diff(r.received_usec) > CLAIMED_TIME_SKEW_USEC {
+            out.push(format!("claims time {}", format_time(t, Format::ShortIso)));
+        }
+    }
+    out
+}
+
+pub fn format_time(usec: u64, format: Format) -> String {
+    let Some(t) = DateTime::from_timestamp_micros(usec as i64) else { return usec.to_string() };
+    let t: DateTime<Local> = Local.from_utc_datetime(&t.naive_utc());
+    match format {
+        Format::ShortIso => t.format("%Y-%m-%dT%H:%M:%S%z").to_string(),
+        Format::ShortPrecise => t.format("%b %d %H:%M:%S%.6f").to_string(),
+        _ => t.format("%b %d %H:%M:%S").to_string(),
+    }
+}
+
+fn json_value(v: &[u8]) -> Value {
+    match std::str::from_utf8(v) {
+        Ok(s) => Value::String(s.to_owned()),
+        Err(_) => Value::Array(v.iter().map(|b| Value::from(*b)).collect()),
+    }
+}
+
+/// journalctl's JSON shape: one key per field, repeated fields as arrays of values.
+pub fn json(r: &Record) -> Value {
+    let mut map = Map::new();
+    map.insert(fields::QLOG_VM.into(), Value::String(r.vm.clone()));
+    map.insert(fields::QLOG_STREAM.into(), Value::String(r.stream.clone()));
+    map.insert(fields::QLOG_SEQ.into(), Value::String(r.seq.to_string()));
+    map.insert(fields::QLOG_RECEIVED_USEC.into(), Value::String(r.received_usec.to_string()));
+    if r.kind != RecordKind::Event {
+        let kind = serde_json::to_value(r.kind).expect("record kinds serialise");
+        map.insert("_QLOG_KIND".into(), kind);
+    }
+    // Group repeated names, keeping first-seen order: one value stays a value, several
+    // become an array, as journalctl prints them.
+    let mut grouped: Vec<(&str, Vec<Value>)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for f in &r.event.fields {
+        let slot = *index.entry(f.name.as_str()).or_insert_with(|| {
+            grouped.push((f.name.as_str(), Vec::new()));
+            grouped.len() - 1
+        });
+        grouped[slot].1.push(json_value(&f.value));
+    }
+    for (name, mut values) in grouped {
+        let v = if values.len() == 1 { values.remove(0) } else { Value::Array(values) };
+        map.insert(name.to_owned(), v);
+    }
+    Value::Object(map)
+}
+
+/// Journal export format. `_HOSTNAME` is the trusted VM so journalctl shows it; the VM's
+/// claimed hostname is kept as `QLOG_CLAIMED_HOSTNAME`. `__REALTIME_TIMESTAMP` is the
+/// receive time, which is what qlog orders by.
+pub fn export(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+    let field = |out: &mut dyn Write, name: &str, value: &[u8]| -> std::io::Result<()> {
+        if value.contains(&b'\n') {
+            out.write_all(name.as_bytes())?;
+            out.write_all(b"\n")?;
+            out.write_all(&(value.len() as u64).to_le_bytes())?;
+            out.write_all(value)?;
+            out.write_all(b"\n")
+        } else {
+            out.write_all(name.as_bytes())?;
+            out.write_all(b"=")?;
+            out.write_all(value)?;
+            out.write_all(b"\n")
+        }
+    };
+    let received = r.received_usec.to_string();
+    field(out, fields::REALTIME_TIMESTAMP, received.as_bytes())?;
+    let monotonic = r.event.get(fields::MONOTONIC_TIMESTAMP).unwrap_or(b"0");
+    field(out, fields::MONOTONIC_TIMESTAMP, monotonic)?;
+    field(out, fields::HOSTNAME, r.vm.as_bytes())?;
+    field(out, fields::QLOG_VM, r.vm.as_bytes())?;
+    field(out, fields::QLOG_STREAM, r.stream.as_bytes())?;
+    field(out, fields::QLOG_SEQ, r.seq.to_string().as_bytes())?;
+    field(out, fields::QLOG_RECEIVED_USEC, received.as_bytes())?;
+    for f in &r.event.fields {
+        match f.name.as_str() {
+            fields::REALTIME_TIMESTAMP => field(out, "QLOG_CLAIMED_REALTIME_TIMESTAMP", &f.value)?,
+            fields::MONOTONIC_TIMESTAMP | fields::CURSOR => {}
+            fields::HOSTNAME => field(out, "QLOG_CLAIMED_HOSTNAME", &f.value)?,
+            name => field(out, name, &f.value)?,
+        }
+    }
+    out.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlog_rpc::Event;
+
+    fn rec(fields: &[(&str, &[u8])]) -> Record {
+        let mut event = Event::new();
+        for (k, v) in fields {
+            event.push(*k, v.to_vec());
+        }
+        Record {
+            vm: "sd-app".into(),
+            stream: "journal".into(),
+            received_usec: 1_796_292_000_000_000,
+            seq: 3,
+            kind: RecordKind::Event,
+            event,
+        }
+    }
+
+    fn render(format: Format, r: &Record) -> String {
+        let mut out = Vec::new();
+        Printer { format, color: false }.print(r, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_is_valid_with_binary_and_repeated_fields() {
+        let r = rec(&[("MESSAGE", b"a\xffb"), ("TAG", b"1"), ("TAG", b"2"), ("TAG", b"3")]);
+        let v: Value = serde_json::from_str(&render(Format::Json, &r)).unwrap();
+        assert_eq!(v["MESSAGE"], serde_json::json!([97, 255, 98]));
+        assert_eq!(v["TAG"], serde_json::json!(["1", "2", "3"]));
+        assert_eq!(v["_QLOG_VM"], "sd-app");
+    }
+
+    #[test]
+    fn short_marks_claims_that_disagree_with_the_sink() {
+        let r = rec(&[
+            ("_HOSTNAME", b"dom0"),
+            ("__REALTIME_TIMESTAMP", b"1000000"),
+            ("MESSAGE", b"hi"),
+        ]);
+        let line = render(Format::Short, &r);
+        assert!(line.contains("sd-app [claims host \"dom0\", claims time 1970-"), "{line}");
+        let honest = rec(&[("_HOSTNAME", b"sd-app"), ("MESSAGE", b"hi")]);
+        assert!(!render(Format::Short, &honest).contains("claims"));
+    }
+
+    #[test]
+    fn export_uses_binary_framing_for_multiline_values() {
+        let r = rec(&[("MESSAGE", b"one\ntwo"), ("PRIORITY", b"3")]);
+        let mut out = Vec::new();
+        export(&r, &mut out).unwrap();
+        let needle = [b"MESSAGE\n".as_slice(), &7u64.to_le_bytes(), b"one\ntwo\n"].concat();
+        assert!(out.windows(needle.len()).any(|w| w == needle.as_slice()));
+        assert!(out.ends_with(b"PRIORITY=3\n\n"));
+    }
+}

@@ -20,9 +20,9 @@ use qlog_rpc::event::validate_field_name;
 use qlog_rpc::{Event, Field, Limits};
 
 /// Added once per cut field, and once when fields were dropped.
-pub const TRUNCATED_FIELD: &str = "QLOG_TRUNCATED";
+pub const TRUNCATED_FIELD: &str = qlog_rpc::fields::QLOG_TRUNCATED;
 /// Added to an input line that could not be parsed; the line itself is the `MESSAGE`.
-pub const PARSE_ERROR_FIELD: &str = "QLOG_PARSE_ERROR";
+pub const PARSE_ERROR_FIELD: &str = qlog_rpc::fields::QLOG_PARSE_ERROR;
 /// journald's own limit on field names.
 pub const MAX_FIELD_NAME_LEN: usize = 64;
 

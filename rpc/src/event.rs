@@ -11,6 +11,9 @@ use thiserror::Error;
 use crate::fields::{CLAIMED_PREFIX, TRUSTED_PREFIX};
 use crate::limits::Limits;
 
+/// journald's longest field name, which every name we store stays within.
+pub const MAX_NAME_LEN: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {
     pub name: String,
@@ -97,7 +100,11 @@ impl Event {
         let mut renamed = 0;
         for field in &mut self.fields {
             if let Some(rest) = field.name.strip_prefix(TRUSTED_PREFIX) {
-                field.name = format!("{CLAIMED_PREFIX}{rest}");
+                // The longer prefix could push a 64-byte name over journald's limit;
+                // the renamed name is cut to stay valid everywhere it is decoded.
+                let mut name = format!("{CLAIMED_PREFIX}{rest}");
+                name.truncate(MAX_NAME_LEN);
+                field.name = name;
                 renamed += 1;
             }
         }
@@ -278,5 +285,11 @@ mod tests {
         assert_eq!(e.quarantine_trusted(), 1);
         assert_eq!(e.get_str("CLAIMED_QLOG_VM"), Some("dom0"));
         assert!(e.get("_QLOG_VM").is_none());
+
+        let mut long = Event::new();
+        long.push(format!("_QLOG_{}", "X".repeat(58)), "v");
+        long.quarantine_trusted();
+        assert_eq!(long.fields[0].name.len(), 64);
+        assert!(validate_field_name(long.fields[0].name.as_bytes(), 64).is_ok());
     }
 }

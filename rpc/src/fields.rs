@@ -31,3 +31,9 @@ pub const MONOTONIC_TIMESTAMP: &str = "__MONOTONIC_TIMESTAMP";
 pub const CURSOR: &str = "__CURSOR";
 pub const BOOT_ID: &str = "_BOOT_ID";
 pub const SOURCE_REALTIME_TIMESTAMP: &str = "_SOURCE_REALTIME_TIMESTAMP";
+
+/// Set by the agent on an event it had to cut to fit the limits: `NAME:original length`
+/// per cut value, or `fields:count` when fields were dropped.
+pub const QLOG_TRUNCATED: &str = "QLOG_TRUNCATED";
+/// Set by the agent on an input line it could not parse; the line itself is MESSAGE.
+pub const QLOG_PARSE_ERROR: &str = "QLOG_PARSE_ERROR";

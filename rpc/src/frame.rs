@@ -65,9 +65,14 @@ impl FrameType {
         })
     }
 
-    /// True if and only if the payload is JSON and bounded by `max_control_len`.
+    /// True if and only if the payload is bounded by `max_control_len` rather than
+    /// `max_frame_len`: the small JSON frames. `Reply` carries a table that grows with
+    /// the number of VMs, so it gets the larger bound.
     pub fn is_control(self) -> bool {
-        !matches!(self, FrameType::Event | FrameType::Ack | FrameType::End | FrameType::Record)
+        !matches!(
+            self,
+            FrameType::Event | FrameType::Ack | FrameType::End | FrameType::Record | FrameType::Reply
+        )
     }
 }
 

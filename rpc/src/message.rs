@@ -15,6 +15,9 @@ use crate::limits::Limits;
 /// Longest stream name an agent may announce.
 pub const MAX_STREAM_NAME_LEN: usize = 64;
 
+/// The stream name of records the sink writes itself; agents may not use it.
+pub const SINK_STREAM: &str = "qlogd";
+
 /// The stream name agents use when none is given.
 pub const DEFAULT_STREAM: &str = "journal";
 
@@ -24,7 +27,7 @@ pub enum MessageError {
     BadJson { ty: FrameType, source: serde_json::Error },
     #[error("{ty:?} frame must be {expected} bytes, got {len}")]
     BadLength { ty: FrameType, expected: usize, len: usize },
-    #[error("stream name {name:?} is invalid: use 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("stream name {name:?} is invalid: use 1 to 64 of A-Z a-z 0-9 _ . - (and not \"qlogd\", which the sink uses)")]
     BadStreamName { name: String },
     #[error("no common protocol version: peer offers {offered:?}, we speak {ours:?}")]
     NoCommonVersion { offered: Vec<u16>, ours: Vec<u16> },
@@ -68,7 +71,8 @@ pub struct Welcome {
 pub struct ResumePoint {
     /// Highest sequence number stored; 0 if the stream is new. The next event is `last_seq+1`.
     pub last_seq: u64,
-    /// The `__CURSOR` of the event stored at `last_seq`, if it had one.
+    /// The `__CURSOR` of the last event stored with one, if the latest event had one. A
+    /// gap record keeps the previous cursor; an event without a cursor clears it.
     #[serde(default)]
     pub cursor: Option<String>,
 }
@@ -122,6 +126,8 @@ pub enum ErrorCode {
     BadEvent,
     SequenceNotIncreasing,
     TooManyConnections,
+    /// The stream sent nothing for longer than its heartbeat promise allows.
+    IdleTimeout,
     ShuttingDown,
     BadQuery,
     UnknownVm,
@@ -143,7 +149,7 @@ pub fn validate_stream_name(name: &str) -> Result<(), MessageError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_STREAM_NAME_LEN
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if ok && name != SINK_STREAM {
         Ok(())
     } else {
         let name: String = name.chars().take(MAX_STREAM_NAME_LEN).collect();
@@ -238,7 +244,7 @@ mod tests {
     fn validates_stream_names() {
         assert!(validate_stream_name("journal").is_ok());
         assert!(validate_stream_name("app.log-2_x").is_ok());
-        for bad in ["", "a b", "a/b", &"x".repeat(65), "\u{1b}[2J"] {
+        for bad in ["", "a b", "a/b", &"x".repeat(65), "\u{1b}[2J", SINK_STREAM] {
             assert!(validate_stream_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -52,7 +52,8 @@ pub struct Filter {
     /// valid PRIORITY does not match when a range is set.
     #[serde(default)]
     pub priority: Option<(u8, u8)>,
-    /// `_SYSTEMD_UNIT` values (also matched against `UNIT` and `_SYSTEMD_USER_UNIT`).
+    /// Unit names, matched against `_SYSTEMD_UNIT`, `UNIT`, `OBJECT_SYSTEMD_UNIT` and
+    /// `COREDUMP_UNIT`. A name without a `.` gets `.service`; `*` and `?` are globs.
     #[serde(default)]
     pub units: Vec<String>,
     /// `SYSLOG_IDENTIFIER` values.
@@ -68,6 +69,7 @@ pub struct Filter {
     #[serde(default)]
     pub until_usec: Option<u64>,
     /// `FIELD=VALUE` matches: the same field twice is OR, different fields are AND.
+    /// `_QLOG_VM` and `_QLOG_STREAM` match the trusted values.
     #[serde(default)]
     pub matches: Vec<(String, String)>,
 }

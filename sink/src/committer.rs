@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::log_events;
 use crate::shared::{Shared, StreamKey};
-use crate::store::{CommitSet, Store, StreamState, VmState};
+use crate::store::{CommitSet, Store, StoreWriter, StreamState, VmState};
 
 /// Most records one cycle takes before it commits, so one cycle's latency stays small
 /// and a follower's broadcast slot stays bounded.
@@ -37,7 +37,7 @@ const MAX_CURSOR_LEN: usize = 1024;
 /// steps rather than on every commit.
 const QUOTA_LOW_WATERMARK: f64 = 0.9;
 /// The stream name of records qlogd writes itself.
-pub const SINK_STREAM: &str = "qlogd";
+pub const SINK_STREAM: &str = qlog_rpc::message::SINK_STREAM;
 
 /// What connections send the committer.
 pub enum Request {
@@ -70,6 +70,14 @@ pub struct Settings {
     pub retention: Duration,
 }
 
+impl Settings {
+    /// Segment files are a sixteenth of the quota (between 64 KiB and 16 MiB): quotas
+    /// are enforced by whole files, so this keeps a VM within about 6% of its quota.
+    pub fn segment_bytes(&self) -> u64 {
+        (self.vm_quota_bytes / 16).clamp(64 * 1024, 16 * 1024 * 1024)
+    }
+}
+
 /// The committer's view of one stream.
 struct StreamMem {
     durable: StreamState,
@@ -80,7 +88,7 @@ struct StreamMem {
 }
 
 pub struct Committer {
-    store: Store,
+    store: StoreWriter,
     shared: Arc<Shared>,
     settings: Settings,
     streams: HashMap<StreamKey, StreamMem>,
@@ -118,6 +126,7 @@ impl Committer {
             .collect();
         let vms = store.load_vms()?;
         let next_batch_id = store.next_batch_id()?;
+        let store = StoreWriter::open(store, settings.segment_bytes())?;
         Ok(Committer { store, shared, settings, streams, vms, next_batch_id, last_stamp: 0 })
     }
 
@@ -152,6 +161,9 @@ impl Committer {
                     watchers: Vec::new(),
                 });
                 mem.watchers.retain(|w| !w.is_closed());
+                // Start the watermark at the resume point, so a connection that sends
+                // nothing new still sees everything it owes the peer as acknowledged.
+                acks.send_replace(mem.durable.last_seq);
                 mem.watchers.push(acks);
                 let resume = ResumePoint {
                     last_seq: mem.durable.last_seq,
@@ -255,13 +267,13 @@ impl Committer {
         for vm in vms {
             let mut expired = 0u64;
             let mut freed = 0u64;
-            for info in self.store.batches(&vm) {
+            for info in self.store.store().batches(&vm) {
                 let Ok(info) = info else { break };
                 if info.last_usec >= cutoff {
                     break;
                 }
                 expired += u64::from(info.count);
-                freed += info.stored_len;
+                freed += info.stored_len();
                 cycle.deletes.push(info.key);
             }
             if expired > 0 {
@@ -286,7 +298,7 @@ impl Committer {
         let target = (quota as f64 * QUOTA_LOW_WATERMARK) as u64;
         let mut bytes = state.bytes_stored + incoming;
         let (mut dropped, mut first, mut last) = (0u64, u64::MAX, 0u64);
-        for info in self.store.batches(vm) {
+        for info in self.store.store().batches(vm) {
             if bytes <= target {
                 break;
             }
@@ -294,7 +306,7 @@ impl Committer {
             if cycle.deletes.contains(&info.key) {
                 continue;
             }
-            bytes = bytes.saturating_sub(info.stored_len);
+            bytes = bytes.saturating_sub(info.stored_len());
             dropped += u64::from(info.count);
             first = first.min(info.first_usec);
             last = last.max(info.last_usec);
@@ -340,11 +352,11 @@ impl Committer {
             }
             let id = self.next_batch_id;
             self.next_batch_id += 1;
-            let (key, value) = Store::encode_batch(&vm, id, &records);
+            let batch = Store::encode_batch(&vm, id, &records);
             let st = self.vm_state(&vm);
             st.events_stored += records.len() as u64;
-            st.bytes_stored += Store::stored_len(&key, &value);
-            set.batches.push((key, value));
+            st.bytes_stored += batch.value.len() as u64;
+            set.batches.push(batch);
             published.extend(records);
         }
         if set.batches.is_empty() && cycle.deletes.is_empty() && cycle.touched_vms.is_empty() {

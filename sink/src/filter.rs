@@ -135,10 +135,10 @@ fn parse_priority(v: &[u8]) -> Option<u8> {
 }
 
 impl UnitPattern {
-    /// journalctl appends `.service` to a unit name without a suffix, and treats `*?[`
-    /// as a glob.
+    /// journalctl appends `.service` to a unit name without a suffix; `*` and `?` are
+    /// globs (journalctl's `[...]` classes are not supported).
     fn new(unit: &str) -> UnitPattern {
-        let unit = if unit.contains('.') || unit.contains('*') {
+        let unit = if unit.contains(['.', '*', '?']) {
             unit.to_owned()
         } else {
             format!("{unit}.service")

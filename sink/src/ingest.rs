@@ -104,23 +104,28 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     let (mut rd, mut wr) = stream.into_split();
     let mut decoder = FrameDecoder::new(ctx.limits);
 
-    let handshake = tokio::time::timeout(ctx.handshake_timeout, async {
-        let desc = read_descriptor(&mut rd, &mut decoder).await?;
-        let hello = read_hello(&mut rd, &mut decoder)
-            .await
-            .map_err(|r| (Some(desc.source_vm.clone()), r))?;
-        Ok::<_, (Option<String>, Rejection)>((desc, hello))
-    })
-    .await;
-    let (desc, hello) = match handshake {
-        Ok(Ok(pair)) => pair,
-        Ok(Err((vm, rejection))) => return reject(&ctx, &mut wr, vm, rejection).await,
+    // The whole handshake shares one deadline, so a peer that trickles bytes cannot
+    // hold a connection slot for longer than that.
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let desc = match tokio::time::timeout_at(deadline, read_descriptor(&mut rd, &mut decoder)).await
+    {
+        Ok(Ok(desc)) => desc,
+        Ok(Err(rejection)) => return reject(&ctx, &mut wr, None, rejection).await,
         Err(_) => {
             let r = Rejection::new(
-                ErrorCode::BadHello,
-                "no descriptor and hello within the handshake timeout",
+                ErrorCode::BadDescriptor,
+                "no qrexec descriptor within the handshake timeout",
             );
             return reject(&ctx, &mut wr, None, r).await;
+        }
+    };
+    let hello = match tokio::time::timeout_at(deadline, read_hello(&mut rd, &mut decoder)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(rejection)) => return reject(&ctx, &mut wr, Some(desc.source_vm), rejection).await,
+        Err(_) => {
+            let r =
+                Rejection::new(ErrorCode::BadHello, "no Hello frame within the handshake timeout");
+            return reject(&ctx, &mut wr, Some(desc.source_vm), r).await;
         }
     };
     let vm = desc.source_vm.clone();
@@ -188,6 +193,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         ctl_rx,
     ));
 
+    let idle_timeout = idle_timeout(hello.heartbeat_interval_secs);
     let mut conn = Connection {
         ctx: Arc::clone(&ctx),
         key,
@@ -199,7 +205,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         chunk_bytes: 0,
         quarantined: 0,
     };
-    let outcome = conn.read_loop(&mut rd).await;
+    let outcome = conn.read_loop(&mut rd, idle_timeout).await;
     let clean = matches!(outcome, Outcome::End);
 
     // Whatever ended the stream, events already received are valid: make them durable
@@ -237,6 +243,14 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     log_events::stream_closed(&vm, &conn.key.1, clean, target);
 }
 
+/// How long an established stream may stay silent: three missed heartbeats, or 15
+/// minutes for an agent that promised none. Bounded so a connection that only holds a
+/// slot is eventually closed.
+fn idle_timeout(heartbeat_secs: Option<u32>) -> Duration {
+    let secs = heartbeat_secs.map_or(900, |h| u64::from(h).saturating_mul(3));
+    Duration::from_secs(secs.clamp(60, 3600))
+}
+
 fn take_slot(ctx: &Arc<IngestContext>, vm: &str) -> Option<VmSlot> {
     let mut per_vm = ctx.per_vm.lock().expect("per-VM table lock is never poisoned");
     let n = per_vm.entry(vm.to_owned()).or_default();
@@ -264,8 +278,8 @@ async fn reject(ctx: &IngestContext, wr: &mut OwnedWriteHalf, vm: Option<String>
 async fn read_descriptor(
     rd: &mut OwnedReadHalf,
     decoder: &mut FrameDecoder,
-) -> Result<Descriptor, (Option<String>, Rejection)> {
-    let bad = |m: String| (None, Rejection::new(ErrorCode::BadDescriptor, m));
+) -> Result<Descriptor, Rejection> {
+    let bad = |m: String| Rejection::new(ErrorCode::BadDescriptor, m);
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -350,13 +364,17 @@ struct Connection {
 }
 
 impl Connection {
-    async fn read_loop(&mut self, rd: &mut OwnedReadHalf) -> Outcome {
+    async fn read_loop(&mut self, rd: &mut OwnedReadHalf, idle_timeout: Duration) -> Outcome {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
+                _ = tokio::time::sleep(idle_timeout) => {
+                    let message = format!("nothing received for {} s; reconnect when there is something to send", idle_timeout.as_secs());
+                    return Outcome::Rejected(Rejection::new(ErrorCode::IdleTimeout, message));
+                }
                 r = rd.read(&mut buf) => match r {
                     Ok(0) | Err(_) => {
                         return match self.decoder.finish() {
@@ -518,7 +536,14 @@ async fn write_loop(
                     }
                     if wr.write_all(&frame).await.is_err() { return; }
                 }
-                None => break,
+                None => {
+                    // The reader is done; make sure the last durable position is sent.
+                    let seq = *acks.borrow_and_update();
+                    if seq > sent && wr.write_all(&encode_u64(FrameType::Ack, seq)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
             },
         }
     }

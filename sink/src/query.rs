@@ -24,11 +24,13 @@ use tokio::sync::{broadcast, mpsc};
 use crate::filter::CompiledFilter;
 use crate::log_events;
 use crate::shared::Shared;
-use crate::store::{decode_batch, BatchInfo, Store, StoreError};
+use crate::store::{BatchInfo, Store, StoreError};
 
 /// Frames are sent in chunks of about this many bytes.
 const SEND_CHUNK: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `limit`: the last N matches are held in memory before they are sent.
+const MAX_LIMIT: u64 = 1_000_000;
 
 pub struct QueryContext {
     pub store: Store,
@@ -108,7 +110,15 @@ async fn run_events(
             format!("unknown VM {list}; known VMs: {}", known.join(", ")),
         ));
     }
-    let vms = if q.vms.is_empty() { known } else { q.vms.clone() };
+    if q.limit.is_some_and(|n| n > MAX_LIMIT) {
+        return Err((
+            ErrorCode::BadQuery,
+            format!("-n is limited to {MAX_LIMIT}; leave it out to stream every match"),
+        ));
+    }
+    let mut vms = if q.vms.is_empty() { known } else { q.vms.clone() };
+    vms.sort();
+    vms.dedup();
 
     // Subscribe before reading the store: see the module docs.
     let live = q.follow.then(|| ctx.shared.subscribe());
@@ -223,7 +233,9 @@ impl FrameSink<'_> {
 
 /// One VM's matching records in time order (or reverse), decoded a batch at a time.
 struct VmCursor<'a> {
-    batches: Box<dyn Iterator<Item = Result<(BatchInfo, sled::IVec), StoreError>> + Send + 'a>,
+    store: &'a Store,
+    vm: &'a str,
+    batches: Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + 'a>,
     pending: VecDeque<Record>,
     filter: &'a CompiledFilter,
     reverse: bool,
@@ -240,15 +252,15 @@ impl Iterator for VmCursor<'_> {
                     return Some(Ok(r));
                 }
             }
-            let (info, value) = match self.batches.next()? {
+            let info = match self.batches.next()? {
                 Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
             // Batches committed after the follow watermark reach a follower live.
-            if batch_id(&info.key) > self.watermark {
+            if info.batch_id() > self.watermark {
                 continue;
             }
-            let mut records = match decode_batch(&info.key, &value) {
+            let mut records = match self.store.read_batch(self.vm, &info) {
                 Ok(r) => r,
                 Err(e) => return Some(Err(e)),
             };
@@ -258,12 +270,6 @@ impl Iterator for VmCursor<'_> {
             self.pending = records.into();
         }
     }
-}
-
-fn batch_id(key: &[u8]) -> u64 {
-    key.len()
-        .checked_sub(8)
-        .map_or(0, |at| u64::from_be_bytes(key[at..].try_into().expect("8 bytes")))
 }
 
 /// Ordering key for merging VMs: (receive time, VM, sequence).
@@ -313,7 +319,7 @@ struct Merge<'a> {
 impl<'a> Merge<'a> {
     fn new(
         store: &'a Store,
-        vms: &[String],
+        vms: &'a [String],
         filter: &'a CompiledFilter,
         reverse: bool,
         watermark: u64,
@@ -321,6 +327,8 @@ impl<'a> Merge<'a> {
         let cursors = vms
             .iter()
             .map(|vm| VmCursor {
+                store,
+                vm,
                 batches: store.scan(vm, filter.since_usec, filter.until_usec, reverse),
                 pending: VecDeque::new(),
                 filter,

@@ -1,26 +1,35 @@
-//! The durable store: the only module that touches sled.
+//! The durable store: the only module that touches sled or the segment files.
 //!
-//! Everything lives in one sled tree so that one commit is one atomic `apply_batch`:
+//! Batches of records live in append-only segment files, one series per VM
+//! (`segments/<vm>/<first batch id>.seg`), so that removing a VM's oldest events is
+//! deleting its oldest files and never touches another VM's bytes. sled holds the index
+//! and the accounting, all in one tree so that one commit is one atomic `apply_batch`:
 //!
 //! | key | value |
 //! |---|---|
-//! | `E` vm `\0` first_usec(u64 BE) batch_id(u64 BE) | a compressed batch of records |
+//! | `E` vm `\0` first_usec(u64 BE) batch_id(u64 BE) | where the batch is: [`BatchInfo`], 40 bytes |
 //! | `S` vm `\0` stream | [`StreamState`] as JSON |
 //! | `V` vm | [`VmState`] as JSON |
 //! | `M` name | store metadata |
 //!
-//! Batch keys sort by (VM, receive time, batch id), so one VM's time range is one range
-//! scan, and its oldest events are at the front of its range. A batch holds the records of
-//! one VM from one commit cycle, in receive-time order; the committer stamps receive times
-//! so that a VM's batches never overlap in time.
+//! Index keys sort by (VM, receive time, batch id), so one VM's time range is one range
+//! scan and its oldest events are at the front of its range. The committer stamps
+//! receive times so a VM's batches never overlap in time.
 //!
-//! A batch value is a 25-byte header (version, record count, first and last receive time,
-//! uncompressed length) and a zstd frame of [`Record`]s in their wire encoding. The header
-//! lets scans skip a batch by time and account for evicted events without decompressing.
+//! A batch is a 25-byte header (version, record count, first and last receive time,
+//! uncompressed length) and a checksummed zstd frame of [`Record`]s in their wire
+//! encoding. Keeping large values out of sled matters: sled rewrites whole pages, and
+//! with batch-sized values inline it wrote several times the data it stored.
+//!
+//! Durability order: segment bytes are written and `fdatasync`ed before the index that
+//! points at them is applied and flushed. A crash in between leaves unindexed bytes at
+//! the end of a segment, which [`StoreWriter::open`] cuts off; a crash after an index
+//! deletion leaves unreferenced segment files, which it removes.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -31,11 +40,12 @@ use thiserror::Error;
 
 const BATCH_VERSION: u8 = 1;
 const BATCH_HEADER_LEN: usize = 25;
+const INDEX_VALUE_LEN: usize = 40;
 /// Largest uncompressed batch we agree to inflate, so a corrupted header cannot make a
 /// query allocate without bound.
 const MAX_BATCH_RAW_LEN: u32 = 256 * 1024 * 1024;
-/// zstd level 3 is the library default: on log text it keeps well ahead of sled's write
-/// speed on one core while shrinking typical journald entries several-fold.
+/// zstd level 3 is the library default: on log text it keeps well ahead of the disk on
+/// one core while shrinking typical journald entries several-fold.
 const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, Error)]
@@ -46,6 +56,10 @@ pub enum StoreError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("sled error in {path}: {source}")]
     Sled { path: PathBuf, source: sled::Error },
+    #[error("cannot write segment {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read segment {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
     #[error("stored batch {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -55,7 +69,7 @@ pub enum StoreError {
 pub struct StreamState {
     /// Highest sequence number stored: the resume point.
     pub last_seq: u64,
-    /// `__CURSOR` of the event stored at `last_seq`, if it had one.
+    /// `__CURSOR` of the latest event stored, if it had one.
     pub cursor: Option<String>,
     pub first_seen_usec: u64,
     pub last_seen_usec: u64,
@@ -67,7 +81,7 @@ pub struct VmState {
     pub first_seen_usec: u64,
     pub last_seen_usec: u64,
     pub events_stored: u64,
-    /// Key and value bytes of this VM's batches: what its quota counts.
+    /// Bytes of this VM's stored batches: what its quota counts.
     pub bytes_stored: u64,
     pub events_dropped_quota: u64,
     pub events_expired: u64,
@@ -75,33 +89,58 @@ pub struct VmState {
     pub fields_quarantined: u64,
 }
 
-/// One stored batch as a scan sees it.
-#[derive(Debug, Clone)]
+/// One stored batch as the index describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchInfo {
     pub key: Vec<u8>,
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
     pub count: u32,
     pub first_usec: u64,
     pub last_usec: u64,
+}
+
+impl BatchInfo {
     /// Bytes this batch counts against its VM's quota.
-    pub stored_len: u64,
+    pub fn stored_len(&self) -> u64 {
+        u64::from(self.len)
+    }
+
+    pub fn batch_id(&self) -> u64 {
+        let at = self.key.len() - 8;
+        u64::from_be_bytes(self.key[at..].try_into().expect("index keys end in the batch id"))
+    }
+}
+
+/// A batch ready to be written.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub vm: String,
+    pub batch_id: u64,
+    pub count: u32,
+    pub first_usec: u64,
+    pub last_usec: u64,
+    pub value: Vec<u8>,
 }
 
 /// Everything one commit cycle writes, applied atomically.
 #[derive(Debug, Clone, Default)]
 pub struct CommitSet {
-    /// New batches as encoded by [`Store::encode_batch`].
-    pub batches: Vec<(Vec<u8>, Vec<u8>)>,
+    pub batches: Vec<NewBatch>,
     pub streams: Vec<((String, String), StreamState)>,
     pub vms: Vec<(String, VmState)>,
+    /// Index keys of batches to remove.
     pub deletes: Vec<Vec<u8>>,
     pub next_batch_id: u64,
 }
 
-/// The sled database plus the lock file that keeps a second qlogd away.
+/// Read access to the store, shared by the committer and every query.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    segments: PathBuf,
     _lock: std::sync::Arc<LockFile>,
 }
 
@@ -117,17 +156,18 @@ impl Store {
         let open_err = |source| StoreError::Open { path: state_dir.to_owned(), source };
         std::fs::create_dir_all(state_dir).map_err(open_err)?;
         let lock = LockFile::acquire(&state_dir.join("qlogd.lock"))?;
-        let path = state_dir.join("store");
+        let segments = state_dir.join("segments");
+        std::fs::create_dir_all(&segments).map_err(open_err)?;
+        let path = state_dir.join("index");
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(cache_bytes)
             // We flush ourselves after every commit cycle, before acking; a background
             // flush would only add writes.
             .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|source| StoreError::Sled { path: path.clone(), source })?;
-        Ok(Store { db, path, _lock: std::sync::Arc::new(lock) })
+        Ok(Store { db, path, segments, _lock: std::sync::Arc::new(lock) })
     }
 
     fn sled_err(&self, source: sled::Error) -> StoreError {
@@ -163,81 +203,72 @@ impl Store {
         Ok(out)
     }
 
-    /// Encodes a batch and returns its key, value and the bytes it counts against quota.
-    pub fn encode_batch(vm: &str, batch_id: u64, records: &[Record]) -> (Vec<u8>, Vec<u8>) {
-        let first = records.first().map_or(0, |r| r.received_usec);
-        let last = records.last().map_or(0, |r| r.received_usec);
-        let mut raw = Vec::with_capacity(records.len() * 256);
+    /// Encodes records (in receive-time order) as one batch.
+    pub fn encode_batch(vm: &str, batch_id: u64, records: &[Record]) -> NewBatch {
+        let mut raw = Vec::with_capacity(records.len() * 512);
         for r in records {
             r.encode(&mut raw);
         }
-        let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL)
-            .expect("zstd compression into a growable buffer cannot fail");
+        Store::encode_raw_batch(
+            vm,
+            batch_id,
+            records.len(),
+            records.first().map_or(0, |r| r.received_usec),
+            records.last().map_or(0, |r| r.received_usec),
+            &raw,
+        )
+    }
+
+    /// Encodes already-encoded records as one batch.
+    pub fn encode_raw_batch(
+        vm: &str,
+        batch_id: u64,
+        count: usize,
+        first_usec: u64,
+        last_usec: u64,
+        raw: &[u8],
+    ) -> NewBatch {
+        let mut compressor =
+            zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 3 is valid");
+        compressor.include_checksum(true).expect("zstd accepts the checksum flag");
+        let compressed =
+            compressor.compress(raw).expect("zstd compression into a growable buffer cannot fail");
         let mut value = Vec::with_capacity(BATCH_HEADER_LEN + compressed.len());
         value.push(BATCH_VERSION);
-        let count = u32::try_from(records.len()).expect("a commit cycle is far below 4G records");
+        let count = u32::try_from(count).expect("a commit cycle is far below 4G records");
         value.extend_from_slice(&count.to_be_bytes());
-        value.extend_from_slice(&first.to_be_bytes());
-        value.extend_from_slice(&last.to_be_bytes());
+        value.extend_from_slice(&first_usec.to_be_bytes());
+        value.extend_from_slice(&last_usec.to_be_bytes());
         let raw_len = u32::try_from(raw.len()).expect("a commit cycle is far below 4 GiB");
         value.extend_from_slice(&raw_len.to_be_bytes());
         value.extend_from_slice(&compressed);
-        (batch_key(vm, first, batch_id), value)
+        NewBatch { vm: vm.to_owned(), batch_id, count, first_usec, last_usec, value }
     }
 
-    /// Applies one commit cycle atomically and makes it durable before returning.
-    ///
-    pub fn commit(&self, set: &CommitSet) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in &set.batches {
-            batch.insert(key.as_slice(), value.as_slice());
-        }
-        for ((vm, stream), state) in &set.streams {
-            let json = serde_json::to_vec(state).expect("stream state serialises");
-            batch.insert(stream_key(vm, stream), json);
-        }
-        for (vm, state) in &set.vms {
-            let json = serde_json::to_vec(state).expect("vm state serialises");
-            batch.insert(vm_key(vm), json);
-        }
-        for key in &set.deletes {
-            batch.remove(key.as_slice());
-        }
-        batch.insert(b"Mnext_batch_id".as_slice(), &set.next_batch_id.to_be_bytes());
-        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        self.db.flush().map_err(|e| self.sled_err(e))?;
-        Ok(())
-    }
-
-    /// The stored length a batch of this encoded size counts against quota.
-    pub fn stored_len(key: &[u8], value: &[u8]) -> u64 {
-        (key.len() + value.len()) as u64
-    }
-
-    /// Iterates one VM's batches from oldest to newest, headers only.
+    /// Iterates one VM's batches from oldest to newest.
     pub fn batches(&self, vm: &str) -> impl Iterator<Item = Result<BatchInfo, StoreError>> + '_ {
         self.db.scan_prefix(batch_prefix(vm)).map(move |item| {
             let (k, v) = item.map_err(|e| self.sled_err(e))?;
-            batch_info(&k, &v)
+            decode_index(&k, &v)
         })
     }
 
-    /// Iterates one VM's batches that may hold records in `[since, until]`, decoded.
-    /// Forward is oldest first; `reverse` is newest first.
+    /// Iterates one VM's batches that may hold records in `[since, until]`. Forward is
+    /// oldest first; `reverse` is newest first.
     pub fn scan(
         &self,
         vm: &str,
         since: Option<u64>,
         until: Option<u64>,
         reverse: bool,
-    ) -> Box<dyn Iterator<Item = Result<(BatchInfo, sled::IVec), StoreError>> + Send + '_> {
+    ) -> Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + '_> {
         let prefix = batch_prefix(vm);
         let start = match since {
             // A batch that starts before `since` may still end after it: begin at the last
             // batch that starts at or before `since`.
             Some(since) => {
                 let probe = batch_key(vm, since, u64::MAX);
-                match self.db.range(prefix.clone()..=probe.clone()).next_back() {
+                match self.db.range(prefix.clone()..=probe).next_back() {
                     Some(Ok((k, _))) => k.to_vec(),
                     _ => prefix.clone(),
                 }
@@ -253,33 +284,263 @@ impl Store {
         let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send> =
             if reverse { Box::new(range.rev()) } else { Box::new(range) };
         Box::new(iter.filter_map(move |item| {
-            let (k, v) = match item {
-                Ok(kv) => kv,
+            let info = match item {
+                Ok((k, v)) => decode_index(&k, &v),
                 Err(e) => return Some(Err(self.sled_err(e))),
             };
-            let info = match batch_info(&k, &v) {
-                Ok(info) => info,
-                Err(e) => return Some(Err(e)),
-            };
-            let before = since.is_some_and(|s| info.last_usec < s);
-            let after = until.is_some_and(|u| info.first_usec > u);
-            if before || after {
-                return None;
+            match info {
+                Ok(info) if since.is_some_and(|s| info.last_usec < s) => None,
+                Ok(info) if until.is_some_and(|u| info.first_usec > u) => None,
+                other => Some(other),
             }
-            Some(Ok((info, v)))
         }))
     }
 
-    /// Total bytes sled uses on disk.
+    fn segment_path(&self, vm: &str, segment: u64) -> PathBuf {
+        self.segments.join(vm).join(format!("{segment:016x}.seg"))
+    }
+
+    /// Reads and decodes one batch.
+    pub fn read_batch(&self, vm: &str, info: &BatchInfo) -> Result<Vec<Record>, StoreError> {
+        let path = self.segment_path(vm, info.segment);
+        let read_err = |source| StoreError::Read { path: path.clone(), source };
+        let file = File::open(&path).map_err(read_err)?;
+        let mut value = vec![0u8; info.len as usize];
+        file.read_exact_at(&mut value, info.offset).map_err(read_err)?;
+        decode_batch(&info.key, &value)
+    }
+
+    /// Bytes the store takes on disk: index and segments.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + dir_size(&self.segments)
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The segment a VM is appending to.
+struct ActiveSegment {
+    id: u64,
+    file: File,
+    len: u64,
+}
+
+/// Write access to the store: owned by the committer alone.
+pub struct StoreWriter {
+    store: Store,
+    active: HashMap<String, ActiveSegment>,
+    /// A VM starts a new segment file once its current one reaches this size.
+    segment_bytes: u64,
+}
+
+impl StoreWriter {
+    /// Opens the write side and repairs what a crash can leave: unindexed bytes at the end
+    /// of segments, and segment files no index entry refers to.
+    pub fn open(store: Store, segment_bytes: u64) -> Result<StoreWriter, StoreError> {
+        let mut writer =
+            StoreWriter { store, active: HashMap::new(), segment_bytes: segment_bytes.max(1) };
+        writer.recover()?;
+        Ok(writer)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn recover(&mut self) -> Result<(), StoreError> {
+        let Ok(dirs) = std::fs::read_dir(&self.store.segments) else { return Ok(()) };
+        for dir in dirs.flatten() {
+            let Ok(vm) = dir.file_name().into_string() else { continue };
+            // Where each referenced segment's indexed data ends.
+            let mut ends: HashMap<u64, u64> = HashMap::new();
+            for info in self.store.batches(&vm) {
+                let info = info?;
+                let end = ends.entry(info.segment).or_default();
+                *end = (*end).max(info.offset + u64::from(info.len));
+            }
+            let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name();
+                let Some(id) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".seg"))
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+                else {
+                    continue;
+                };
+                let path = f.path();
+                match ends.get(&id) {
+                    None => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    Some(&end) => {
+                        let file = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|source| StoreError::Write { path: path.clone(), source })?;
+                        if file.metadata().map(|m| m.len()).unwrap_or(0) > end {
+                            file.set_len(end).map_err(|source| StoreError::Write {
+                                path: path.clone(),
+                                source,
+                            })?;
+                            file.sync_all().map_err(|source| StoreError::Write {
+                                path: path.clone(),
+                                source,
+                            })?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes one commit cycle durable: segment bytes first, then the index.
+    ///
+    /// On error nothing is indexed and the segments are cut back, so the same set can be
+    /// committed again.
+    pub fn commit(&mut self, set: &CommitSet) -> Result<(), StoreError> {
+        let mut before: Vec<(String, u64, u64)> = Vec::new();
+        let result = self.write(set, &mut before);
+        if result.is_err() {
+            for (vm, id, len) in before {
+                if let Some(seg) = self.active.get_mut(&vm) {
+                    if seg.id == id {
+                        let _ = seg.file.set_len(len);
+                        seg.len = len;
+                    }
+                }
+            }
+        }
+        result?;
+        self.remove_dead_segments(set);
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        set: &CommitSet,
+        before: &mut Vec<(String, u64, u64)>,
+    ) -> Result<(), StoreError> {
+        // A handle of our own, so paths can be named while a segment is borrowed.
+        let store = self.store.clone();
+        let mut index = sled::Batch::default();
+        let mut touched: Vec<String> = Vec::new();
+        for b in &set.batches {
+            let seg = self.segment_for(&b.vm, b.batch_id)?;
+            if !before.iter().any(|(vm, id, _)| *vm == b.vm && *id == seg.id) {
+                before.push((b.vm.clone(), seg.id, seg.len));
+            }
+            seg.file.write_all(&b.value).map_err(|source| StoreError::Write {
+                path: store.segment_path(&b.vm, seg.id),
+                source,
+            })?;
+            let offset = seg.len;
+            seg.len += b.value.len() as u64;
+            let info = BatchInfo {
+                key: batch_key(&b.vm, b.first_usec, b.batch_id),
+                segment: seg.id,
+                offset,
+                len: u32::try_from(b.value.len()).expect("batches are far below 4 GiB"),
+                count: b.count,
+                first_usec: b.first_usec,
+                last_usec: b.last_usec,
+            };
+            index.insert(info.key.clone(), encode_index(&info).to_vec());
+            if !touched.contains(&b.vm) {
+                touched.push(b.vm.clone());
+            }
+        }
+        for vm in &touched {
+            let seg = self.active.get(vm).expect("touched segments are open");
+            seg.file.sync_data().map_err(|source| StoreError::Write {
+                path: self.store.segment_path(vm, seg.id),
+                source,
+            })?;
+        }
+        for ((vm, stream), state) in &set.streams {
+            let json = serde_json::to_vec(state).expect("stream state serialises");
+            index.insert(stream_key(vm, stream), json);
+        }
+        for (vm, state) in &set.vms {
+            let json = serde_json::to_vec(state).expect("vm state serialises");
+            index.insert(vm_key(vm), json);
+        }
+        for key in &set.deletes {
+            index.remove(key.as_slice());
+        }
+        index.insert(b"Mnext_batch_id".as_slice(), &set.next_batch_id.to_be_bytes());
+        self.store.db.apply_batch(index).map_err(|e| self.store.sled_err(e))?;
+        self.store.db.flush().map_err(|e| self.store.sled_err(e))?;
+        Ok(())
+    }
+
+    /// The segment `vm` appends to, starting a new one (named for `batch_id`) when there
+    /// is none or the current one is full.
+    fn segment_for(&mut self, vm: &str, batch_id: u64) -> Result<&mut ActiveSegment, StoreError> {
+        let full = self.active.get(vm).is_none_or(|s| s.len >= self.segment_bytes);
+        if full {
+            let path = self.store.segment_path(vm, batch_id);
+            let write_err = |source| StoreError::Write { path: path.clone(), source };
+            std::fs::create_dir_all(path.parent().expect("segment paths have a VM directory"))
+                .map_err(write_err)?;
+            let file =
+                OpenOptions::new().create(true).append(true).open(&path).map_err(write_err)?;
+            let len = file.metadata().map_err(write_err)?.len();
+            // Make the new file's directory entry durable before the index refers to it.
+            if let Ok(dir) = File::open(path.parent().expect("segment paths have a VM directory")) {
+                let _ = dir.sync_all();
+            }
+            self.active.insert(vm.to_owned(), ActiveSegment { id: batch_id, file, len });
+        }
+        Ok(self.active.get_mut(vm).expect("inserted above"))
+    }
+
+    /// After deletions are durable, removes segment files older than a VM's oldest
+    /// remaining batch. The active segment is never removed.
+    fn remove_dead_segments(&mut self, set: &CommitSet) {
+        let mut vms: Vec<String> =
+            set.deletes.iter().filter_map(|k| split_batch_key_vm(k)).collect();
+        vms.sort();
+        vms.dedup();
+        for vm in vms {
+            let oldest = self.store.batches(&vm).next().and_then(Result::ok).map(|b| b.segment);
+            let active = self.active.get(&vm).map(|s| s.id);
+            let Ok(files) = std::fs::read_dir(self.store.segments.join(&vm)) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name();
+                let Some(id) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".seg"))
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+                else {
+                    continue;
+                };
+                if Some(id) != active && oldest.is_none_or(|o| id < o) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
     }
 }
 
 /// Decompresses a batch value into its records, in receive-time order.
 pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { key: hex(key), reason };
-    let info = batch_info(key, value)?;
+    if value.len() < BATCH_HEADER_LEN || value[0] != BATCH_VERSION {
+        return Err(corrupt("bad batch header".into()));
+    }
+    let count = u32::from_be_bytes(value[1..5].try_into().expect("header checked"));
     let raw_len = u32::from_be_bytes(value[21..25].try_into().expect("header checked"));
     if raw_len > MAX_BATCH_RAW_LEN {
         return Err(corrupt(format!("claims {raw_len} uncompressed bytes")));
@@ -289,7 +550,7 @@ pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError>
     // Stored records were validated on ingest; the limits here only guard against a
     // damaged store, so they are generous.
     let limits = Limits { max_fields: u32::MAX, max_value_len: u32::MAX, ..Limits::DEFAULT };
-    let mut records = Vec::with_capacity(info.count as usize);
+    let mut records = Vec::with_capacity(count as usize);
     let mut pos = 0;
     while pos < raw.len() {
         let (rec, used) =
@@ -297,28 +558,44 @@ pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError>
         records.push(rec);
         pos += used;
     }
-    if records.len() != info.count as usize {
-        return Err(corrupt(format!(
-            "header says {} records, found {}",
-            info.count,
-            records.len()
-        )));
+    if records.len() != count as usize {
+        return Err(corrupt(format!("header says {count} records, found {}", records.len())));
     }
     Ok(records)
 }
 
-fn batch_info(key: &[u8], value: &[u8]) -> Result<BatchInfo, StoreError> {
-    if value.len() < BATCH_HEADER_LEN || value[0] != BATCH_VERSION {
-        return Err(StoreError::Corrupt { key: hex(key), reason: "bad batch header".into() });
+fn encode_index(info: &BatchInfo) -> [u8; INDEX_VALUE_LEN] {
+    let mut v = [0u8; INDEX_VALUE_LEN];
+    v[0..8].copy_from_slice(&info.segment.to_be_bytes());
+    v[8..16].copy_from_slice(&info.offset.to_be_bytes());
+    v[16..20].copy_from_slice(&info.len.to_be_bytes());
+    v[20..24].copy_from_slice(&info.count.to_be_bytes());
+    v[24..32].copy_from_slice(&info.first_usec.to_be_bytes());
+    v[32..40].copy_from_slice(&info.last_usec.to_be_bytes());
+    v
+}
+
+fn decode_index(key: &[u8], v: &[u8]) -> Result<BatchInfo, StoreError> {
+    if v.len() != INDEX_VALUE_LEN || key.len() < 18 {
+        return Err(StoreError::Corrupt { key: hex(key), reason: "bad index entry".into() });
     }
-    let u64_at = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().expect("in header"));
+    let u64_at = |at: usize| u64::from_be_bytes(v[at..at + 8].try_into().expect("in entry"));
+    let u32_at = |at: usize| u32::from_be_bytes(v[at..at + 4].try_into().expect("in entry"));
     Ok(BatchInfo {
         key: key.to_vec(),
-        count: u32::from_be_bytes(value[1..5].try_into().expect("in header")),
-        first_usec: u64_at(5),
-        last_usec: u64_at(13),
-        stored_len: Store::stored_len(key, value),
+        segment: u64_at(0),
+        offset: u64_at(8),
+        len: u32_at(16),
+        count: u32_at(20),
+        first_usec: u64_at(24),
+        last_usec: u64_at(32),
     })
+}
+
+fn split_batch_key_vm(key: &[u8]) -> Option<String> {
+    let rest = key.strip_prefix(b"E")?;
+    let nul = rest.iter().position(|&b| b == 0)?;
+    String::from_utf8(rest[..nul].to_vec()).ok()
 }
 
 fn batch_prefix(vm: &str) -> Vec<u8> {
@@ -403,45 +680,93 @@ mod tests {
         }
     }
 
-    fn commit_batches(store: &Store, batches: Vec<(String, u64, Vec<Record>)>) {
+    fn commit_batches(
+        w: &mut StoreWriter,
+        batches: Vec<(String, u64, Vec<Record>)>,
+        deletes: Vec<Vec<u8>>,
+    ) {
         let next = batches.iter().map(|b| b.1).max().unwrap_or(0) + 1;
         let batches = batches.iter().map(|(vm, id, r)| Store::encode_batch(vm, *id, r)).collect();
-        store.commit(&CommitSet { batches, next_batch_id: next, ..Default::default() }).unwrap();
+        w.commit(&CommitSet { batches, deletes, next_batch_id: next, ..Default::default() })
+            .unwrap();
+    }
+
+    fn seqs(
+        store: &Store,
+        vm: &str,
+        since: Option<u64>,
+        until: Option<u64>,
+        reverse: bool,
+    ) -> Vec<u64> {
+        store
+            .scan(vm, since, until, reverse)
+            .flat_map(|b| store.read_batch(vm, &b.unwrap()).unwrap())
+            .filter(|r| since.is_none_or(|s| r.received_usec >= s))
+            .map(|r| r.seq)
+            .collect()
     }
 
     #[test]
     fn batches_round_trip_and_scan_by_vm_and_time() {
         let dir = tempdir();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
         commit_batches(
-            &store,
+            &mut w,
             vec![
                 ("a".into(), 1, (0..10).map(|i| record("a", 100 + i, i + 1)).collect()),
                 ("a".into(), 2, (10..20).map(|i| record("a", 100 + i, i + 1)).collect()),
                 ("ab".into(), 3, vec![record("ab", 105, 1)]),
             ],
+            vec![],
         );
-        let seqs = |since, until, reverse| -> Vec<u64> {
-            store
-                .scan("a", since, until, reverse)
-                .flat_map(|b| {
-                    let (info, v) = b.unwrap();
-                    decode_batch(&info.key, &v).unwrap()
-                })
-                .filter(|r| since.is_none_or(|s| r.received_usec >= s))
-                .map(|r| r.seq)
-                .collect()
-        };
-        assert_eq!(seqs(None, None, false), (1..=20).collect::<Vec<_>>());
-        assert_eq!(seqs(Some(115), None, false), (16..=20).collect::<Vec<_>>());
-        assert_eq!(
-            seqs(Some(105), Some(108), false),
-            (1..=10).filter(|s| *s >= 6).collect::<Vec<_>>()
-        );
+        assert_eq!(seqs(&store, "a", None, None, false), (1..=20).collect::<Vec<_>>());
+        assert_eq!(seqs(&store, "a", Some(115), None, false), (16..=20).collect::<Vec<_>>());
+        assert_eq!(seqs(&store, "a", Some(105), Some(108), false), (6..=10).collect::<Vec<_>>());
         // Reverse scans reverse the batch order; records inside a batch stay oldest first.
-        assert_eq!(seqs(None, None, true)[..10], (11..=20).collect::<Vec<_>>()[..]);
+        assert_eq!(seqs(&store, "a", None, None, true)[..10], (11..=20).collect::<Vec<_>>()[..]);
         assert_eq!(store.batches("ab").count(), 1, "vm names that share a prefix stay apart");
         assert_eq!(store.next_batch_id().unwrap(), 4);
+    }
+
+    #[test]
+    fn deleting_a_vms_oldest_batches_removes_only_its_segment_files() {
+        let dir = tempdir();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        // Tiny segments: every batch starts a new file.
+        let mut w = StoreWriter::open(store.clone(), 1).unwrap();
+        for id in 1..=4 {
+            commit_batches(&mut w, vec![("a".into(), id, vec![record("a", id * 10, id)])], vec![]);
+        }
+        commit_batches(&mut w, vec![("b".into(), 5, vec![record("b", 1, 1)])], vec![]);
+        let old: Vec<Vec<u8>> = store.batches("a").take(2).map(|b| b.unwrap().key).collect();
+        commit_batches(&mut w, vec![], old);
+        assert_eq!(seqs(&store, "a", None, None, false), vec![3, 4]);
+        let files = std::fs::read_dir(dir.path().join("segments/a")).unwrap().count();
+        assert_eq!(files, 2, "the two oldest segment files of a are gone");
+        assert_eq!(seqs(&store, "b", None, None, false), vec![1]);
+    }
+
+    #[test]
+    fn reopening_cuts_unindexed_bytes_and_drops_orphan_segments() {
+        let dir = tempdir();
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let mut w = StoreWriter::open(store, 1 << 20).unwrap();
+            commit_batches(&mut w, vec![("a".into(), 1, vec![record("a", 1, 1)])], vec![]);
+        }
+        // What a crash between the segment write and the index flush leaves behind.
+        let seg = dir.path().join("segments/a/0000000000000001.seg");
+        let len = std::fs::metadata(&seg).unwrap().len();
+        OpenOptions::new().append(true).open(&seg).unwrap().write_all(b"torn batch").unwrap();
+        std::fs::write(dir.path().join("segments/a/00000000000000ff.seg"), b"orphan").unwrap();
+
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
+        assert!(!dir.path().join("segments/a/00000000000000ff.seg").exists());
+        commit_batches(&mut w, vec![("a".into(), 2, vec![record("a", 2, 2)])], vec![]);
+        assert_eq!(seqs(&store, "a", None, None, false), vec![1, 2]);
     }
 
     #[test]
@@ -456,12 +781,14 @@ mod tests {
 
     #[test]
     fn detects_corrupt_batches() {
-        let (key, mut value) = Store::encode_batch("a", 1, &[record("a", 1, 1)]);
-        assert!(decode_batch(&key, &value).is_ok());
-        let last = value.len() - 1;
-        value[last] ^= 0xff;
+        let b = Store::encode_batch("a", 1, &[record("a", 1, 1)]);
+        let key = batch_key("a", 1, 1);
+        assert!(decode_batch(&key, &b.value).is_ok());
+        let mut value = b.value.clone();
+        let mid = value.len() - 6;
+        value[mid] ^= 0xff;
         assert!(decode_batch(&key, &value).is_err());
-        assert!(decode_batch(&key, &value[..10]).is_err());
+        assert!(decode_batch(&key, &b.value[..10]).is_err());
     }
 
     /// A temporary directory removed on drop, without pulling in a crate for it.

@@ -23,6 +23,10 @@ const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
 
 struct Options {
     events: u64,
+    /// VM counts to run; by default 1 and 8.
+    vm_counts: Vec<usize>,
+    /// Keep the work directories for inspection.
+    keep: bool,
     seed: u64,
     out: PathBuf,
 }
@@ -30,13 +34,21 @@ struct Options {
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_else(|| "ingest".into());
-    let mut opts = Options { events: 1_000_000, seed: 1, out: PathBuf::from("bench-results") };
+    let mut opts = Options {
+        events: 1_000_000,
+        vm_counts: vec![1, 8],
+        keep: false,
+        seed: 1,
+        out: PathBuf::from("bench-results"),
+    };
     while let Some(a) = args.next() {
         match a.as_str() {
             "--events" => opts.events = args.next().context("--events needs a number")?.parse()?,
+            "--vms" => opts.vm_counts = args.next().context("--vms needs a list like 1,8")?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--keep" => opts.keep = true,
             "--seed" => opts.seed = args.next().context("--seed needs a number")?.parse()?,
             "--out" => opts.out = args.next().context("--out needs a directory")?.into(),
-            other => bail!("unknown option {other}; usage: qlog-bench [ingest] [--events N] [--seed N] [--out DIR]"),
+            other => bail!("unknown option {other}; usage: qlog-bench [ingest] [--events N] [--vms 1,8] [--seed N] [--out DIR] [--keep]"),
         }
     }
     match what.as_str() {
@@ -88,7 +100,7 @@ fn ingest(opts: &Options) -> anyhow::Result<()> {
     let mut results = Vec::new();
     println!("machine: {}", machine());
     println!("workload: {} generated journald entries, seed {}\n", opts.events, opts.seed);
-    for vms in [1usize, 8] {
+    for &vms in &opts.vm_counts {
         let names: Vec<String> = (0..vms).map(|i| format!("bench-vm{i}")).collect();
         let per_vm = opts.events / vms as u64;
         let work = tempdir()?;
@@ -125,7 +137,11 @@ fn ingest(opts: &Options) -> anyhow::Result<()> {
         }
         let m = run_qlogd(&qlogd, &work.join("qlogd"), &names, frames, entries, input_bytes)?;
         results.push(m);
-        let _ = std::fs::remove_dir_all(&work);
+        if opts.keep {
+            println!("kept {}", work.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&work);
+        }
     }
 
     println!(
@@ -145,7 +161,7 @@ fn ingest(opts: &Options) -> anyhow::Result<()> {
         );
     }
     println!();
-    for vms in [1usize, 8] {
+    for &vms in &opts.vm_counts {
         let peer = results.iter().find(|m| m.vms == vms && m.system == "journal-remote");
         let ours = results.iter().find(|m| m.vms == vms && m.system == "qlogd");
         if let (Some(p), Some(o)) = (peer, ours) {

@@ -83,7 +83,7 @@ impl Printer {
             head.push_str(&format!(" [{}]", claims.join(", ")));
         }
         if r.kind != RecordKind::Event {
-            let msg = r.event.get(fields::MESSAGE).map(|m| escape_line(m)).unwrap_or_default();
+            let msg = r.event.get(fields::MESSAGE).map(escape_line).unwrap_or_default();
             write!(out, "{head} ")?;
             self.colored(Some(4), &format!("-- qlog: {msg} --"), out)?;
             return writeln!(out);

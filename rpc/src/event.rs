@@ -174,6 +174,56 @@ pub fn decode_event_payload(payload: &[u8], limits: &Limits) -> Result<(u64, Eve
     Ok((seq, event))
 }
 
+/// What [`scan_event_payload`] learned about an event without copying it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventScan {
+    pub seq: u64,
+    /// True if and only if a field name starts with the sink-only prefix.
+    pub has_trusted: bool,
+    /// Byte range of the first `__CURSOR` value within the payload.
+    pub cursor: Option<std::ops::Range<usize>>,
+    /// Where the field block starts within the payload.
+    pub fields_start: usize,
+}
+
+/// Validates an ingest `Event` payload exactly as [`decode_event_payload`] would, but
+/// without allocating, so that well-formed events can be stored as the bytes they came in.
+pub fn scan_event_payload(payload: &[u8], limits: &Limits) -> Result<EventScan, EventError> {
+    let mut r = Reader { buf: payload, pos: 0 };
+    let seq = r.u64()?;
+    let fields_start = r.pos;
+    let count = r.u32()?;
+    if count > limits.max_fields {
+        return Err(EventError::TooManyFields { count, max: limits.max_fields });
+    }
+    let mut has_trusted = false;
+    let mut cursor = None;
+    for _ in 0..count {
+        let name_len = r.u8()? as usize;
+        let name = r.bytes(name_len)?;
+        validate_field_name(name, limits.max_name_len)?;
+        has_trusted |= name.starts_with(TRUSTED_PREFIX.as_bytes());
+        let value_len = r.u32()?;
+        if value_len > limits.max_value_len {
+            let name = String::from_utf8_lossy(name).into_owned();
+            return Err(EventError::ValueTooLong {
+                name,
+                len: value_len,
+                max: limits.max_value_len,
+            });
+        }
+        let start = r.pos;
+        r.bytes(value_len as usize)?;
+        if cursor.is_none() && name == crate::fields::CURSOR.as_bytes() {
+            cursor = Some(start..r.pos);
+        }
+    }
+    if r.remaining() != 0 {
+        return Err(EventError::TrailingBytes { extra: r.remaining() });
+    }
+    Ok(EventScan { seq, has_trusted, cursor, fields_start })
+}
+
 /// A bounds-checked cursor over a byte slice, used by every binary decoder here.
 pub(crate) struct Reader<'a> {
     pub(crate) buf: &'a [u8],
@@ -225,6 +275,31 @@ mod tests {
         encode_event_payload(42, &sample(), &mut buf);
         let (seq, back) = decode_event_payload(&buf, &Limits::DEFAULT).unwrap();
         assert_eq!((seq, back), (42, sample()));
+    }
+
+    #[test]
+    fn scan_agrees_with_decode() {
+        let mut e = sample();
+        e.push("__CURSOR", "s=1;i=2");
+        let mut buf = Vec::new();
+        encode_event_payload(9, &e, &mut buf);
+        let scan = scan_event_payload(&buf, &Limits::DEFAULT).unwrap();
+        assert_eq!(scan.seq, 9);
+        assert!(!scan.has_trusted);
+        assert_eq!(&buf[scan.cursor.unwrap()], b"s=1;i=2");
+        let (back, _) = Event::decode_fields(&buf[scan.fields_start..], &Limits::DEFAULT).unwrap();
+        assert_eq!(back, e);
+        for cut in 0..buf.len() {
+            assert_eq!(
+                scan_event_payload(&buf[..cut], &Limits::DEFAULT).is_ok(),
+                decode_event_payload(&buf[..cut], &Limits::DEFAULT).is_ok()
+            );
+        }
+        let mut t = Event::new();
+        t.push("_QLOG_VM", "x");
+        let mut buf = Vec::new();
+        encode_event_payload(1, &t, &mut buf);
+        assert!(scan_event_payload(&buf, &Limits::DEFAULT).unwrap().has_trusted);
     }
 
     #[test]

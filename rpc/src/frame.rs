@@ -71,7 +71,11 @@ impl FrameType {
     pub fn is_control(self) -> bool {
         !matches!(
             self,
-            FrameType::Event | FrameType::Ack | FrameType::End | FrameType::Record | FrameType::Reply
+            FrameType::Event
+                | FrameType::Ack
+                | FrameType::End
+                | FrameType::Record
+                | FrameType::Reply
         )
     }
 }
@@ -150,6 +154,12 @@ impl FrameDecoder {
 
     /// Returns the next whole frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        Ok(self.next_frame_ref()?.map(|(ty, payload)| Frame { ty, payload: payload.to_vec() }))
+    }
+
+    /// Like [`FrameDecoder::next_frame`], but borrows the payload from the decoder's
+    /// buffer instead of copying it: the hot path of ingest.
+    pub fn next_frame_ref(&mut self) -> Result<Option<(FrameType, &[u8])>, FrameError> {
         let avail = &self.buf[self.start..];
         if avail.len() < HEADER_LEN {
             return Ok(None);
@@ -165,9 +175,9 @@ impl FrameDecoder {
         if avail.len() < total {
             return Ok(None);
         }
-        let payload = avail[HEADER_LEN..total].to_vec();
+        let begin = self.start + HEADER_LEN;
         self.start += total;
-        Ok(Some(Frame { ty, payload }))
+        Ok(Some((ty, &self.buf[begin..self.start])))
     }
 
     /// Call at end of stream: an error if a frame was cut off.

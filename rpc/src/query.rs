@@ -120,12 +120,37 @@ pub struct Record {
 
 impl Record {
     pub fn encode(&self, out: &mut Vec<u8>) {
-        put_short_str(out, &self.vm);
-        put_short_str(out, &self.stream);
-        out.extend_from_slice(&self.received_usec.to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.push(self.kind as u8);
+        Record::encode_header(&self.vm, &self.stream, self.received_usec, self.seq, self.kind, out);
         self.event.encode_fields(out);
+    }
+
+    /// Appends everything of a record but its field block, for callers that already hold
+    /// the field block encoded (see [`crate::event::scan_event_payload`]).
+    pub fn encode_header(
+        vm: &str,
+        stream: &str,
+        received_usec: u64,
+        seq: u64,
+        kind: RecordKind,
+        out: &mut Vec<u8>,
+    ) {
+        put_short_str(out, vm);
+        put_short_str(out, stream);
+        out.extend_from_slice(&received_usec.to_be_bytes());
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.push(kind as u8);
+    }
+
+    /// Decodes every record in `buf`, which holds whole records back to back.
+    pub fn decode_all(buf: &[u8], limits: &Limits) -> Result<Vec<Record>, EventError> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < buf.len() {
+            let (rec, used) = Record::decode(&buf[pos..], limits)?;
+            out.push(rec);
+            pos += used;
+        }
+        Ok(out)
     }
 
     /// Decodes a record from the front of `buf`, returning it and the bytes used.

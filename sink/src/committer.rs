@@ -31,8 +31,6 @@ use crate::store::{CommitSet, Store, StoreWriter, StreamState, VmState};
 const MAX_CYCLE_RECORDS: usize = 32_768;
 /// Most raw bytes one cycle takes before it commits.
 const MAX_CYCLE_BYTES: usize = 8 * 1024 * 1024;
-/// Longest cursor kept as a resume point; journald cursors are about 150 bytes.
-const MAX_CURSOR_LEN: usize = 1024;
 /// Once over quota, a VM is trimmed to this share of it, so trimming happens in
 /// steps rather than on every commit.
 const QUOTA_LOW_WATERMARK: f64 = 0.9;
@@ -52,16 +50,54 @@ pub enum Request {
     RetentionTick,
 }
 
+/// Events and gaps from one connection. Event field blocks are kept as the bytes they
+/// arrived in (validated, with sink-only names already renamed), back to back in `raw`,
+/// so the hot path copies each event once and decodes nothing.
+#[derive(Default)]
 pub struct Chunk {
     pub key: StreamKey,
+    pub raw: Vec<u8>,
     pub items: Vec<Item>,
+    /// `__CURSOR` of the chunk's last event, if it had a usable one.
+    pub last_cursor: Option<String>,
     /// Fields renamed from the sink-only prefix while decoding this chunk.
     pub quarantined: u64,
 }
 
 pub enum Item {
-    Event { seq: u64, event: Event },
-    Gap { gap: Gap },
+    /// An event whose field block is `raw[range]`.
+    Event {
+        seq: u64,
+        range: std::ops::Range<usize>,
+    },
+    Gap {
+        gap: Gap,
+    },
+}
+
+/// One VM's records of the cycle, encoded back to back.
+#[derive(Default)]
+struct VmRecords {
+    raw: Vec<u8>,
+    count: usize,
+    first_usec: u64,
+    last_usec: u64,
+}
+
+impl VmRecords {
+    fn push_header(&mut self, vm: &str, stream: &str, stamp: u64, seq: u64, kind: RecordKind) {
+        if self.count == 0 {
+            self.first_usec = stamp;
+        }
+        self.last_usec = stamp;
+        self.count += 1;
+        Record::encode_header(vm, stream, stamp, seq, kind, &mut self.raw);
+    }
+
+    fn push_record(&mut self, r: &Record) {
+        self.push_header(&r.vm, &r.stream, r.received_usec, r.seq, r.kind);
+        r.event.encode_fields(&mut self.raw);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -101,7 +137,7 @@ pub struct Committer {
 /// This cycle's work in progress.
 #[derive(Default)]
 struct Cycle {
-    records: BTreeMap<String, Vec<Record>>,
+    records: BTreeMap<String, VmRecords>,
     touched_streams: Vec<StreamKey>,
     touched_vms: Vec<String>,
     deletes: Vec<Vec<u8>>,
@@ -208,15 +244,19 @@ impl Committer {
             mem.durable.first_seen_usec = stamp;
         }
         mem.durable.last_seen_usec = stamp;
-        let records = cycle.records.entry(vm.clone()).or_default();
+        let out = cycle.records.entry(vm.clone()).or_default();
+        let mut last_event_accepted = None;
         for item in chunk.items {
-            let (seq, kind, event) = match item {
-                Item::Event { seq, event } => (seq, RecordKind::Event, event),
-                Item::Gap { gap } => (gap.seq, RecordKind::Gap, agent_gap_event(&gap)),
+            let seq = match &item {
+                Item::Event { seq, .. } => *seq,
+                Item::Gap { gap } => gap.seq,
             };
             // A replay after reconnect: already stored (or about to be), so dropping it
             // is what makes delivery exactly-once.
             if seq <= mem.accepted_seq {
+                if matches!(item, Item::Event { .. }) {
+                    last_event_accepted = Some(false);
+                }
                 continue;
             }
             // The agent numbers without holes, so a jump means events were lost before
@@ -224,36 +264,37 @@ impl Committer {
             if seq > mem.accepted_seq + 1 {
                 let (from, to) = (mem.accepted_seq, seq);
                 let missing = to - from - 1;
-                records.push(sink_record(
+                let message = format!(
+                    "{missing} events of stream {stream} never arrived (sequence jumped from {from} to {to})"
+                );
+                let event = gap_event("seq", Some(missing), message);
+                out.push_record(&sink_record(
                     &vm,
                     &stream,
                     stamp,
                     from + 1,
                     RecordKind::Gap,
-                    gap_event(
-                        "seq",
-                        Some(missing),
-                        format!("{missing} events of stream {stream} never arrived (sequence jumped from {from} to {to})"),
-                    ),
+                    event,
                 ));
             }
-            if kind == RecordKind::Event {
-                mem.accepted_cursor = event
-                    .get_str(fields::CURSOR)
-                    .filter(|c| c.len() <= MAX_CURSOR_LEN)
-                    .map(str::to_owned);
-            }
             mem.accepted_seq = seq;
+            match item {
+                Item::Event { seq, range } => {
+                    out.push_header(&vm, &stream, stamp, seq, RecordKind::Event);
+                    out.raw.extend_from_slice(&chunk.raw[range.clone()]);
+                    cycle.bytes += range.len() + 64;
+                    last_event_accepted = Some(true);
+                }
+                Item::Gap { gap } => {
+                    let event = agent_gap_event(&gap);
+                    cycle.bytes += event.payload_len() + 64;
+                    out.push_record(&sink_record(&vm, &stream, stamp, seq, RecordKind::Gap, event));
+                }
+            }
             cycle.count += 1;
-            cycle.bytes += event.payload_len() + 32;
-            records.push(Record {
-                vm: vm.clone(),
-                stream: stream.clone(),
-                received_usec: stamp,
-                seq,
-                kind,
-                event,
-            });
+        }
+        if last_event_accepted == Some(true) {
+            mem.accepted_cursor = chunk.last_cursor;
         }
     }
 
@@ -343,21 +384,30 @@ impl Committer {
         let vms: Vec<String> = cycle.records.keys().cloned().collect();
         for vm in vms {
             let mut records = cycle.records.remove(&vm).unwrap_or_default();
-            if records.is_empty() {
+            if records.count == 0 {
                 continue;
             }
-            let estimate = records.iter().map(|r| r.event.payload_len() as u64).sum::<u64>() / 4;
+            // Compression shrinks log batches several-fold; a quarter is a cautious guess
+            // of what this batch will add.
+            let estimate = records.raw.len() as u64 / 4;
             if let Some(gap) = self.enforce_quota(&vm, estimate, &mut cycle) {
-                records.push(gap);
+                records.push_record(&gap);
             }
             let id = self.next_batch_id;
             self.next_batch_id += 1;
-            let batch = Store::encode_batch(&vm, id, &records);
+            let batch = Store::encode_raw_batch(
+                &vm,
+                id,
+                records.count,
+                records.first_usec,
+                records.last_usec,
+                &records.raw,
+            );
             let st = self.vm_state(&vm);
-            st.events_stored += records.len() as u64;
+            st.events_stored += records.count as u64;
             st.bytes_stored += batch.value.len() as u64;
             set.batches.push(batch);
-            published.extend(records);
+            published.push(records);
         }
         if set.batches.is_empty() && cycle.deletes.is_empty() && cycle.touched_vms.is_empty() {
             self.notify(&cycle.touched_streams);
@@ -396,9 +446,15 @@ impl Committer {
                 mem.durable = st.clone();
             }
         }
-        published
-            .sort_by(|a, b| (a.received_usec, &a.vm, a.seq).cmp(&(b.received_usec, &b.vm, b.seq)));
-        self.shared.publish(set.vms, set.streams, self.next_batch_id - 1, published);
+        let count = published.iter().map(|r| r.count as u64).sum();
+        let shared = Arc::clone(&self.shared);
+        shared.publish(set.vms, set.streams, self.next_batch_id - 1, count, || {
+            let mut raw = Vec::with_capacity(published.iter().map(|r| r.raw.len()).sum());
+            for r in &published {
+                raw.extend_from_slice(&r.raw);
+            }
+            raw
+        });
         self.notify(&cycle.touched_streams);
     }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qlog_rpc::descriptor::{self, Descriptor};
-use qlog_rpc::event::decode_event_payload;
+use qlog_rpc::event::{decode_event_payload, scan_event_payload};
 use qlog_rpc::frame::{Frame, FrameDecoder, FrameType};
 use qlog_rpc::message::{self, decode_json, encode_json, encode_u64, negotiate_version};
 use qlog_rpc::{ErrorCode, ErrorFrame, Gap, Heartbeat, Hello, Limits, Welcome, INGEST_SERVICE};
@@ -32,6 +32,8 @@ const CHUNK_EVENTS: usize = 1024;
 const CHUNK_BYTES: usize = 256 * 1024;
 /// How long a final reply may take to write before we give up on a peer that won't read.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest cursor kept as a resume point; journald cursors are about 150 bytes.
+const MAX_CURSOR_LEN: usize = 1024;
 /// How long a closing connection waits for its last events to become durable.
 const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -197,15 +199,13 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     let mut conn = Connection {
         ctx: Arc::clone(&ctx),
         key,
-        decoder,
         limits,
         last_seq: 0,
         max_seq: resume.last_seq,
-        chunk: Vec::new(),
-        chunk_bytes: 0,
-        quarantined: 0,
+        chunk: Chunk::default(),
     };
-    let outcome = conn.read_loop(&mut rd, idle_timeout).await;
+    conn.chunk.key = conn.key.clone();
+    let outcome = conn.read_loop(&mut rd, decoder, idle_timeout).await;
     let clean = matches!(outcome, Outcome::End);
 
     // Whatever ended the stream, events already received are valid: make them durable
@@ -351,20 +351,22 @@ enum Outcome {
 struct Connection {
     ctx: Arc<IngestContext>,
     key: (String, String),
-    decoder: FrameDecoder,
     limits: Limits,
     /// Highest sequence number seen on this connection (0 before the first): each
     /// event must go above it.
     last_seq: u64,
     /// Highest sequence number this connection must see durable before its final ack.
     max_seq: u64,
-    chunk: Vec<Item>,
-    chunk_bytes: usize,
-    quarantined: u64,
+    chunk: Chunk,
 }
 
 impl Connection {
-    async fn read_loop(&mut self, rd: &mut OwnedReadHalf, idle_timeout: Duration) -> Outcome {
+    async fn read_loop(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        mut decoder: FrameDecoder,
+        idle_timeout: Duration,
+    ) -> Outcome {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -377,7 +379,7 @@ impl Connection {
                 }
                 r = rd.read(&mut buf) => match r {
                     Ok(0) | Err(_) => {
-                        return match self.decoder.finish() {
+                        return match decoder.finish() {
                             Ok(()) => Outcome::Eof,
                             Err(e) => Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
                         };
@@ -385,9 +387,9 @@ impl Connection {
                     Ok(n) => n,
                 },
             };
-            self.decoder.feed(&buf[..n]);
+            decoder.feed(&buf[..n]);
             loop {
-                let frame = match self.decoder.next_frame() {
+                let (ty, payload) = match decoder.next_frame_ref() {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(e) => {
@@ -397,12 +399,12 @@ impl Connection {
                         ))
                     }
                 };
-                match self.handle(frame) {
+                match self.handle(ty, payload) {
                     Ok(false) => {}
                     Ok(true) => return Outcome::End,
                     Err(r) => return Outcome::Rejected(r),
                 }
-                if (self.chunk.len() >= CHUNK_EVENTS || self.chunk_bytes >= CHUNK_BYTES)
+                if (self.chunk.items.len() >= CHUNK_EVENTS || self.chunk.raw.len() >= CHUNK_BYTES)
                     && !self.flush().await
                 {
                     return Outcome::Shutdown;
@@ -427,33 +429,48 @@ impl Connection {
     }
 
     /// Returns true at End.
-    fn handle(&mut self, frame: Frame) -> Result<bool, Rejection> {
-        match frame.ty {
+    fn handle(&mut self, ty: FrameType, payload: &[u8]) -> Result<bool, Rejection> {
+        let bad_event =
+            |e: qlog_rpc::event::EventError| Rejection::new(ErrorCode::BadEvent, e.to_string());
+        match ty {
             FrameType::Event => {
-                let (seq, mut event) = decode_event_payload(&frame.payload, &self.limits)
-                    .map_err(|e| Rejection::new(ErrorCode::BadEvent, e.to_string()))?;
-                self.check_seq(seq)?;
-                self.quarantined += event.quarantine_trusted() as u64;
-                self.accept_seq(seq);
-                self.chunk_bytes += frame.payload.len();
-                self.chunk.push(Item::Event { seq, event });
+                let scan = scan_event_payload(payload, &self.limits).map_err(bad_event)?;
+                self.check_seq(scan.seq)?;
+                let start = self.chunk.raw.len();
+                if scan.has_trusted {
+                    // Rare, and only from a misbehaving VM: rebuild the event renamed.
+                    let (_, mut event) =
+                        decode_event_payload(payload, &self.limits).map_err(bad_event)?;
+                    self.chunk.quarantined += event.quarantine_trusted() as u64;
+                    event.encode_fields(&mut self.chunk.raw);
+                } else {
+                    self.chunk.raw.extend_from_slice(&payload[scan.fields_start..]);
+                }
+                self.chunk.last_cursor = scan
+                    .cursor
+                    .and_then(|r| std::str::from_utf8(&payload[r]).ok())
+                    .filter(|c| c.len() <= MAX_CURSOR_LEN)
+                    .map(str::to_owned);
+                self.accept_seq(scan.seq);
+                self.chunk
+                    .items
+                    .push(Item::Event { seq: scan.seq, range: start..self.chunk.raw.len() });
             }
             FrameType::Gap => {
-                let gap: Gap = decode_json(FrameType::Gap, &frame.payload)
+                let gap: Gap = decode_json(FrameType::Gap, payload)
                     .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
                 self.check_seq(gap.seq)?;
                 self.accept_seq(gap.seq);
-                self.chunk_bytes += frame.payload.len();
-                self.chunk.push(Item::Gap { gap });
+                self.chunk.items.push(Item::Gap { gap });
             }
             FrameType::Heartbeat => {
                 // FIXME: heartbeats are parsed but not yet recorded; health tracking
                 // needs a per-VM liveness table, which the committer does not keep yet.
-                let _: Heartbeat = decode_json(FrameType::Heartbeat, &frame.payload)
+                let _: Heartbeat = decode_json(FrameType::Heartbeat, payload)
                     .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
             }
             FrameType::End => {
-                let last = message::decode_u64(FrameType::End, &frame.payload)
+                let last = message::decode_u64(FrameType::End, payload)
                     .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
                 if last > self.max_seq {
                     return Err(Rejection::new(
@@ -484,15 +501,15 @@ impl Connection {
     /// Hands the pending chunk to the committer, waiting for room: this wait is the
     /// backpressure that reaches the agent. False if the committer is gone.
     async fn flush(&mut self) -> bool {
-        if self.chunk.is_empty() {
+        if self.chunk.items.is_empty() {
             return true;
         }
-        let chunk = Chunk {
+        let fresh = Chunk {
             key: self.key.clone(),
-            items: std::mem::take(&mut self.chunk),
-            quarantined: std::mem::take(&mut self.quarantined),
+            raw: Vec::with_capacity(self.chunk.raw.capacity()),
+            ..Chunk::default()
         };
-        self.chunk_bytes = 0;
+        let chunk = std::mem::replace(&mut self.chunk, fresh);
         self.ctx.committer.send(Request::Chunk(chunk)).await.is_ok()
     }
 }

@@ -400,12 +400,12 @@ async fn follow(
                 return;
             }
         }
-        seen_events = Some(cycle.events_before + cycle.records.len() as u64);
+        seen_events = Some(cycle.events_before + cycle.count);
         if cycle.last_batch_id <= watermark {
             continue;
         }
         let mut buf = Vec::new();
-        for r in &cycle.records {
+        for r in &cycle.records() {
             if (vms.is_empty() || vms.contains(&r.vm)) && filter.matches(r) {
                 let mut payload = Vec::with_capacity(256);
                 r.encode(&mut payload);

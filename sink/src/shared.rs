@@ -25,8 +25,26 @@ pub struct Committed {
     /// Events committed before this cycle, over all VMs: lets a lagging follower count
     /// what it missed.
     pub events_before: u64,
-    /// The cycle's records, ordered by (receive time, VM, sequence).
-    pub records: Vec<Record>,
+    /// How many records the cycle committed.
+    pub count: u64,
+    /// The cycle's records, encoded back to back (see [`Committed::records`]).
+    pub raw: Vec<u8>,
+}
+
+impl Committed {
+    /// The cycle's records, ordered by (receive time, VM, sequence). Followers decode
+    /// them, so the committer never pays for a follower.
+    pub fn records(&self) -> Vec<Record> {
+        let limits = qlog_rpc::Limits {
+            max_fields: u32::MAX,
+            max_value_len: u32::MAX,
+            ..Default::default()
+        };
+        let mut records = Record::decode_all(&self.raw, &limits).unwrap_or_default();
+        records
+            .sort_by(|a, b| (a.received_usec, &a.vm, a.seq).cmp(&(b.received_usec, &b.vm, b.seq)));
+        records
+    }
 }
 
 pub struct Shared {
@@ -65,31 +83,38 @@ impl Shared {
     }
 
     pub fn committed_batch_id(&self) -> u64 {
-        self.committed_batch_id.load(Ordering::Acquire)
+        self.committed_batch_id.load(Ordering::SeqCst)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
         self.live.subscribe()
     }
 
-    /// Called by the committer once a cycle is durable.
+    /// Called by the committer once a cycle is durable. `raw` builds the cycle's
+    /// encoded records and is called only if a follower is listening.
     pub fn publish(
         &self,
         vms: impl IntoIterator<Item = (String, VmState)>,
         streams: impl IntoIterator<Item = (StreamKey, StreamState)>,
         last_batch_id: u64,
-        records: Vec<Record>,
+        count: u64,
+        raw: impl FnOnce() -> Vec<u8>,
     ) {
         self.vms.lock().expect("vm table lock is never poisoned").extend(vms);
         self.streams.lock().expect("stream table lock is never poisoned").extend(streams);
-        if records.is_empty() {
+        if count == 0 {
             return;
         }
-        let n = records.len() as u64;
-        let events_before = self.events_committed.fetch_add(n, Ordering::AcqRel);
-        self.committed_batch_id.store(last_batch_id, Ordering::Release);
-        // No follower listening is fine: the send error only says so.
-        let _ = self.live.send(Arc::new(Committed { last_batch_id, events_before, records }));
+        let events_before = self.events_committed.fetch_add(count, Ordering::SeqCst);
+        self.committed_batch_id.store(last_batch_id, Ordering::SeqCst);
+        // Checked after the watermark moved: a follower that subscribed before it moved
+        // is counted here, and one that subscribed after reads the new watermark and
+        // finds this cycle in the store. Either way it sees the cycle exactly once.
+        if self.live.receiver_count() > 0 {
+            let raw = raw();
+            let _ =
+                self.live.send(Arc::new(Committed { last_batch_id, events_before, count, raw }));
+        }
     }
 
     pub fn events_committed(&self) -> u64 {

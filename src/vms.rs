@@ -20,7 +20,7 @@ pub fn show(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<31} {:<9} {:<15} {:<15} {:>10} {:>9} {:>6} {:>9} {:>8}  STREAMS",
+        "{:<31} {:<10} {:<15} {:<15} {:>10} {:>9} {:>6} {:>9} {:>8}  STREAMS",
         "VM",
         "STATE",
         "FIRST SEEN",
@@ -49,11 +49,17 @@ fn row(vm: &VmInfo) -> String {
         .map(|s| format!("{}{}", s.name, if s.connected { "*" } else { "" }))
         .collect();
     format!(
-        "{:<31} {:<9} {:<15} {:<15} {:>10} {:>9} {:>5.1}% {:>9} {:>8}  {}",
+        "{:<31} {:<10} {:<15} {:<15} {:>10} {:>9} {:>5.1}% {:>9} {:>8}  {}",
         vm.vm,
-        if vm.connected { "connected" } else { "-" },
-        format_time(vm.first_seen_usec, Format::Short),
-        format_time(vm.last_seen_usec, Format::Short),
+        if vm.connected {
+            "connected"
+        } else if vm.first_seen_usec == 0 {
+            "never seen"
+        } else {
+            "-"
+        },
+        seen(vm.first_seen_usec),
+        seen(vm.last_seen_usec),
         vm.events_stored,
         human_bytes(vm.bytes_stored),
         quota,
@@ -61,6 +67,14 @@ fn row(vm: &VmInfo) -> String {
         vm.frames_rejected,
         streams.join(",")
     )
+}
+
+fn seen(usec: u64) -> String {
+    if usec == 0 {
+        "-".to_owned()
+    } else {
+        format_time(usec, Format::Short)
+    }
 }
 
 pub fn human_bytes(n: u64) -> String {

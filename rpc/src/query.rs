@@ -219,6 +219,9 @@ pub struct VmInfo {
     pub streams: Vec<StreamInfo>,
     /// True if and only if at least one ingest connection from this VM is open now.
     pub connected: bool,
+    /// True if and only if the sink's configuration lists this VM as one that should send.
+    #[serde(default)]
+    pub expected: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

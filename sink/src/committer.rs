@@ -102,11 +102,31 @@ impl VmRecords {
 
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Bytes each VM may keep stored, unless overridden. By default, 1 GiB.
     pub vm_quota_bytes: u64,
+    /// How long events are kept, unless overridden. By default, 30 days.
     pub retention: Duration,
+    /// Per-VM quota and retention overrides.
+    pub overrides: BTreeMap<String, VmLimits>,
+    /// VMs that should be sending, listed by `qlog vms` even before they connect.
+    pub expected_vms: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VmLimits {
+    pub quota_bytes: Option<u64>,
+    pub retention: Option<Duration>,
 }
 
 impl Settings {
+    pub fn quota(&self, vm: &str) -> u64 {
+        self.overrides.get(vm).and_then(|o| o.quota_bytes).unwrap_or(self.vm_quota_bytes)
+    }
+
+    pub fn retention(&self, vm: &str) -> Duration {
+        self.overrides.get(vm).and_then(|o| o.retention).unwrap_or(self.retention)
+    }
+
     /// Segment files are a sixteenth of the quota (between 64 KiB and 16 MiB): quotas
     /// are enforced by whole files, so this keeps a VM within about 6% of its quota.
     pub fn segment_bytes(&self) -> u64 {
@@ -300,12 +320,10 @@ impl Committer {
 
     /// Removes batches older than the retention period, for every VM.
     fn expire(&mut self, cycle: &mut Cycle) {
-        let Some(cutoff) = now_usec().checked_sub(self.settings.retention.as_micros() as u64)
-        else {
-            return;
-        };
         let vms: Vec<String> = self.vms.keys().cloned().collect();
         for vm in vms {
+            let retention = self.settings.retention(&vm).as_micros() as u64;
+            let Some(cutoff) = now_usec().checked_sub(retention) else { continue };
             let mut expired = 0u64;
             let mut freed = 0u64;
             for info in self.store.store().batches(&vm) {
@@ -331,7 +349,7 @@ impl Committer {
     /// Trims `vm` to below its quota by removing its own oldest batches, and records what
     /// was removed as a gap in the VM's own record stream.
     fn enforce_quota(&mut self, vm: &str, incoming: u64, cycle: &mut Cycle) -> Option<Record> {
-        let quota = self.settings.vm_quota_bytes;
+        let quota = self.settings.quota(vm);
         let state = self.vms.get(vm)?;
         if state.bytes_stored + incoming <= quota {
             return None;

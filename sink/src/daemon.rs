@@ -62,7 +62,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         vms,
         streams,
         store.next_batch_id()?.saturating_sub(1),
-        config.settings.vm_quota_bytes,
+        config.settings.clone(),
     );
     let committer = Committer::new(store.clone(), Arc::clone(&shared), config.settings.clone())?;
 
@@ -120,6 +120,17 @@ async fn serve(
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     log_events::listening(&config.ingest_socket, &config.query_socket, &config.state_dir);
     notify::ready();
+    if let Some(interval) = notify::watchdog_interval() {
+        // The ping comes from the runtime, so a wedged runtime stops it; the committer's
+        // own liveness is reported through its acks, not here.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                notify::watchdog();
+            }
+        });
+    }
 
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut ingest_tasks = JoinSet::new();

@@ -14,6 +14,7 @@
 //! qlogd can say to an operator.
 
 pub mod committer;
+pub mod config;
 pub mod daemon;
 pub mod filter;
 pub mod ingest;

@@ -32,3 +32,19 @@ pub fn ready() {
 pub fn stopping() {
     send("STOPPING=1");
 }
+
+pub fn watchdog() {
+    send("WATCHDOG=1");
+}
+
+/// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked for one
+/// and meant this process (`WATCHDOG_PID`, when set).
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+}

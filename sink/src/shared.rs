@@ -57,7 +57,7 @@ pub struct Shared {
     events_committed: AtomicU64,
     /// Live feed of commit cycles. Sending never blocks; slow followers lag instead.
     live: broadcast::Sender<Arc<Committed>>,
-    quota_bytes: u64,
+    settings: crate::committer::Settings,
 }
 
 impl Shared {
@@ -65,7 +65,7 @@ impl Shared {
         vms: BTreeMap<String, VmState>,
         streams: BTreeMap<StreamKey, StreamState>,
         committed_batch_id: u64,
-        quota_bytes: u64,
+        settings: crate::committer::Settings,
     ) -> Arc<Shared> {
         let events = vms.values().map(|v| v.events_stored).sum();
         // 256 cycles of slack: a follower can stall for that many commits (typically
@@ -78,7 +78,7 @@ impl Shared {
             committed_batch_id: AtomicU64::new(committed_batch_id),
             events_committed: AtomicU64::new(events),
             live,
-            quota_bytes,
+            settings,
         })
     }
 
@@ -121,17 +121,28 @@ impl Shared {
         self.events_committed.load(Ordering::Acquire)
     }
 
+    /// Every VM seen, and every expected VM, sorted.
     pub fn known_vms(&self) -> Vec<String> {
-        self.vms.lock().expect("vm table lock is never poisoned").keys().cloned().collect()
+        let mut vms: Vec<String> =
+            self.vms.lock().expect("vm table lock is never poisoned").keys().cloned().collect();
+        vms.extend(self.settings.expected_vms.iter().cloned());
+        vms.sort();
+        vms.dedup();
+        vms
     }
 
-    /// One row per VM for `qlog vms`.
+    /// One row per VM for `qlog vms`: every VM seen, and every expected VM.
     pub fn vm_infos(&self) -> Vec<VmInfo> {
-        let vms = self.vms.lock().expect("vm table lock is never poisoned").clone();
+        let mut vms = self.vms.lock().expect("vm table lock is never poisoned").clone();
+        for vm in &self.settings.expected_vms {
+            vms.entry(vm.clone()).or_default();
+        }
         let streams = self.streams.lock().expect("stream table lock is never poisoned").clone();
         let conns = self.connections.lock().expect("connection table lock is never poisoned");
         vms.into_iter()
             .map(|(vm, s)| {
+                let quota_bytes = self.settings.quota(&vm);
+                let expected = self.settings.expected_vms.contains(&vm);
                 let streams: Vec<StreamInfo> = streams
                     .iter()
                     .filter(|((v, _), _)| *v == vm)
@@ -148,7 +159,8 @@ impl Shared {
                     last_seen_usec: s.last_seen_usec,
                     events_stored: s.events_stored,
                     bytes_stored: s.bytes_stored,
-                    quota_bytes: self.quota_bytes,
+                    quota_bytes,
+                    expected,
                     events_dropped_quota: s.events_dropped_quota,
                     events_expired: s.events_expired,
                     frames_rejected: s.frames_rejected,

@@ -59,6 +59,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (for packaging).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page in roff (for packaging).
+    #[command(hide = true)]
+    Man,
 }
 
 /// Which events, and how to print them: journalctl's options.
@@ -105,6 +114,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events(&cli.socket, &select, lines, reverse, false)
         }
         Command::Vms { json } => vms::show(&cli.socket, json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "qlog", &mut script);
+            std::io::stdout().write_all(&script).context("cannot write the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .context("cannot write the man page")?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

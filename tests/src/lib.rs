@@ -28,7 +28,8 @@ pub mod process;
 pub mod query;
 pub mod sink;
 pub mod wire;
-pub mod workload;
+/// The workload generator lives in its own crate so the CLI's demo can use it too.
+pub use qlog_workload as workload;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! A deterministic workload generator shared by tests and benchmarks.
+//! A deterministic workload generator shared by tests, benchmarks and `qlog demo`.
 //!
 //! From a seed and a VM name it produces journald-like entries with the fields a real
 //! Qubes VM's journal carries (cursor, timestamps, boot and machine IDs, unit, PID, ...),

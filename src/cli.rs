@@ -59,6 +59,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// See qlog work on this machine: qlogd, four simulated VMs (one hostile), live tail.
+    ///
+    /// Needs no Qubes and no root. Build everything first: cargo build --release --workspace
+    Demo {
+        /// Keep the temporary state directory (store, sockets, qlogd.log) afterwards.
+        #[arg(long)]
+        keep: bool,
+        /// How long the live tail runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Also forward this machine's own journal as the VM "this-machine".
+        #[arg(long)]
+        journal: bool,
+    },
     /// Print a shell completion script (for packaging).
     #[command(hide = true)]
     Completions {
@@ -114,6 +128,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events(&cli.socket, &select, lines, reverse, false)
         }
         Command::Vms { json } => vms::show(&cli.socket, json),
+        Command::Demo { keep, seconds, journal } => {
+            crate::demo::run(crate::demo::DemoOptions { keep, seconds, journal })
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut script = Vec::new();

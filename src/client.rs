@@ -47,6 +47,11 @@ impl Client {
         Ok(Client { stream, decoder: FrameDecoder::new(Limits::DEFAULT), buf: vec![0; 64 * 1024] })
     }
 
+    /// A second handle on the connection, e.g. to shut it down from another thread.
+    pub fn try_clone_stream(&self) -> anyhow::Result<UnixStream> {
+        self.stream.try_clone().context("cannot duplicate the connection to qlogd")
+    }
+
     pub fn send(&mut self, request: &Request) -> anyhow::Result<()> {
         let payload = serde_json::to_vec(request).expect("requests serialise");
         self.stream

@@ -2,6 +2,7 @@
 
 mod cli;
 mod client;
+mod demo;
 mod escape;
 mod output;
 mod timespec;

@@ -194,6 +194,13 @@ impl Workload {
         e
     }
 
+    /// Moves the generated clock, e.g. to now for a live demo; entries stay deterministic
+    /// given the same start.
+    pub fn starting_at(mut self, realtime_usec: u64) -> Workload {
+        self.realtime_usec = realtime_usec;
+        self
+    }
+
     pub fn vm(&self) -> &str {
         &self.vm
     }

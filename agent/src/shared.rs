@@ -24,6 +24,8 @@ pub struct State {
     /// True if and only if no more items will be pushed: the input ended or shutdown
     /// began. The writer sends `End` once it has sent every item.
     pub finishing: bool,
+    /// True if and only if the source reached the end of its input (stdin's EOF).
+    pub input_ended: bool,
     /// True once shutdown began: pushes are refused, so the source stops reading.
     pub stopping: bool,
     /// The connection whose writer may write. A writer whose connection is not this one
@@ -51,6 +53,7 @@ impl Shared {
                 window,
                 started: false,
                 finishing: false,
+                input_ended: false,
                 stopping: false,
                 active_conn: 0,
                 limits: Limits::DEFAULT,
@@ -127,7 +130,10 @@ impl Shared {
 
     /// The input ended: once every item is sent, the writer sends `End`.
     pub fn finish_input(&self) {
-        self.update(|state| state.finishing = true);
+        self.update(|state| {
+            state.finishing = true;
+            state.input_ended = true;
+        });
     }
 
     /// Shutdown began: refuse further items and end the stream after those held.

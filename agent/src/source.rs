@@ -254,7 +254,9 @@ enum Start {
 
 fn journalctl_args(start: &Start, directory: Option<&Path>) -> Vec<OsString> {
     let mut args: Vec<OsString> =
-        ["--output=export", "--follow", "--all"].iter().map(OsString::from).collect();
+        // `--follow` alone implies `--lines=10`: without `--no-tail` journalctl would skip
+        // all but the last ten entries of the backlog, silently.
+        ["--output=export", "--follow", "--no-tail", "--all"].iter().map(OsString::from).collect();
     if let Some(dir) = directory {
         args.push("--directory".into());
         args.push(dir.into());
@@ -553,12 +555,26 @@ mod tests {
         let text = |start, dir: Option<&Path>| -> Vec<String> {
             journalctl_args(&start, dir).iter().map(|a| a.to_string_lossy().into_owned()).collect()
         };
-        assert_eq!(text(Start::Boot, None), ["--output=export", "--follow", "--all", "--boot"]);
+        assert_eq!(
+            text(Start::Boot, None),
+            ["--output=export", "--follow", "--no-tail", "--all", "--boot"]
+        );
         assert_eq!(
             text(Start::Cursor("s=1;i=2".into()), Some(Path::new("/j"))),
-            ["--output=export", "--follow", "--all", "--directory", "/j", "--cursor=s=1;i=2"]
+            [
+                "--output=export",
+                "--follow",
+                "--no-tail",
+                "--all",
+                "--directory",
+                "/j",
+                "--cursor=s=1;i=2"
+            ]
         );
-        assert_eq!(text(Start::Oldest, None), ["--output=export", "--follow", "--all"]);
+        assert_eq!(
+            text(Start::Oldest, None),
+            ["--output=export", "--follow", "--no-tail", "--all"]
+        );
     }
 
     #[test]

@@ -160,6 +160,15 @@ impl Supervisor {
     /// The exit code once the loop is over, with the count of what is lost.
     fn exit_code(&self) -> ExitCode {
         let unacked = self.shared.unacked();
+        // For stdin, success also needs the whole input read: an agent stopped before
+        // that (say, qlogd was never reached) has delivered nothing of the rest.
+        let input_ended = self.shared.lock().input_ended;
+        if matches!(self.config.source, Source::Stdin { .. }) && !input_ended {
+            self.log.error(format_args!(
+                "exiting before the end of stdin: the rest of the input was not read, and {unacked} events not acknowledged by qlogd may be lost"
+            ));
+            return ExitCode::FAILURE;
+        }
         if unacked == 0 {
             self.log.info("every event read was acknowledged by qlogd");
             return ExitCode::SUCCESS;

@@ -390,7 +390,7 @@ fn journal_resume_cursor_is_skipped() {
     conn.ack(8);
     thread::sleep(Duration::from_millis(100));
     let args = fs::read_to_string(scratch.path("journalctl.args")).unwrap();
-    assert_eq!(args.trim(), "--output=export --follow --all --cursor=c1");
+    assert_eq!(args.trim(), "--output=export --follow --no-tail --all --cursor=c1");
 
     agent.signal(libc::SIGTERM);
     assert_eq!(conn.end(), 8);
@@ -450,7 +450,10 @@ fn journal_rejected_cursor_restarts() {
     let runs: Vec<&str> = args.lines().collect();
     assert_eq!(
         runs,
-        ["--output=export --follow --all --cursor=garbage", "--output=export --follow --all"]
+        [
+            "--output=export --follow --no-tail --all --cursor=garbage",
+            "--output=export --follow --no-tail --all"
+        ]
     );
     conn.ack(6);
     agent.signal(libc::SIGTERM);
@@ -492,7 +495,10 @@ fn journalctl_death_restarts() {
     let runs: Vec<&str> = runs.lines().collect();
     assert_eq!(
         runs,
-        ["--output=export --follow --all --boot", "--output=export --follow --all --cursor=c2"]
+        [
+            "--output=export --follow --no-tail --all --boot",
+            "--output=export --follow --no-tail --all --cursor=c2"
+        ]
     );
     assert!(agent.log().contains("journalctl exited (status 1)"), "{}", agent.log());
     conn.ack(3);
@@ -588,7 +594,9 @@ fn sink_error_frame_is_printed() {
     let mut conn = sink.accept();
     conn.hello();
     agent.signal(libc::SIGTERM);
-    assert!(agent.wait().success());
+    // Stopped before stdin ended, so the rest of the input was never delivered.
+    assert_eq!(agent.wait().code(), Some(1), "stderr: {}", agent.log());
+    assert!(agent.log().contains("before the end of stdin"), "{}", agent.log());
 }
 
 fn heartbeats_flow_while_idle() {

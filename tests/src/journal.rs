@@ -12,7 +12,8 @@
 //! forwarding, says `ok` and sleeps. journald is started inside with `nsenter` and is
 //! waited for by its `READY=1` on a socket in our temp dir under `/tmp`, which the
 //! namespace shares with us. Anything run with [`JournalNamespace::command`] sees this
-//! journald as the system's.
+//! journald as the system's. [`JournalNamespace::start_as_new_machine`] also mounts a
+//! fresh machine ID and boot ID over the machine's, for tests of a new DisposableVM.
 //!
 //! journald logs a few entries of its own at start, so tests should pick out their
 //! entries by `SYSLOG_IDENTIFIER`.
@@ -56,13 +57,19 @@ ForwardToWall=no
 ReadKMsg=no
 ";
 
-/// The holder's script; `$1` is the drop-in to install. It prints `ok` only once every
-/// mount is in place, so journald never starts on the machine's own `/run`.
+/// The holder's script; `$1` is the drop-in to install and `$2` its name. If `$3` is not
+/// empty, it is a directory whose `machine-id` and `boot_id` are mounted over the
+/// machine's, so the namespace looks like another machine's boot. It prints `ok` only once
+/// every mount is in place, so journald never starts on the machine's own `/run`.
 const HOLDER_SCRIPT: &str = "\
 set -e
 mount -t tmpfs -o mode=0755 tmpfs /run/systemd
 mount -t tmpfs -o mode=0755 tmpfs /run/log
 if [ -d /var/log/journal ]; then mount -t tmpfs -o mode=2755 tmpfs /var/log/journal; fi
+if [ -n \"$3\" ]; then
+  mount --bind \"$3/machine-id\" /etc/machine-id
+  mount --bind \"$3/boot_id\" /proc/sys/kernel/random/boot_id
+fi
 mkdir /run/systemd/journald.conf.d
 cp \"$1\" /run/systemd/journald.conf.d/\"$2\"
 echo ok
@@ -117,6 +124,28 @@ impl JournalNamespace {
     /// If the holder cannot mount, or journald does not report `READY=1` within
     /// [`STARTUP_TIMEOUT`], quoting their logs.
     pub fn start() -> JournalNamespace {
+        JournalNamespace::start_with_identity(false)
+    }
+
+    /// Like [`JournalNamespace::start`], but the namespace also gets a machine ID and a
+    /// boot ID of its own, freshly drawn, mounted over `/etc/machine-id` and
+    /// `/proc/sys/kernel/random/boot_id`: to journald and journalctl it is a new machine
+    /// in its first boot, as a fresh DisposableVM is.
+    ///
+    /// # Panics
+    ///
+    /// As [`JournalNamespace::start`].
+    pub fn start_as_new_machine() -> JournalNamespace {
+        JournalNamespace::start_with_identity(true)
+    }
+
+    /// The machine ID journald in the namespace sees.
+    pub fn machine_id(&self) -> String {
+        let path = format!("/proc/{}/root/etc/machine-id", self.holder_pid());
+        std::fs::read_to_string(path).expect("the namespace has a machine ID").trim().to_owned()
+    }
+
+    fn start_with_identity(new_identity: bool) -> JournalNamespace {
         let dir = tempfile::Builder::new()
             .prefix("qlog-journal.")
             .tempdir_in("/tmp")
@@ -124,8 +153,19 @@ impl JournalNamespace {
         let drop_in = dir.path().join(DROP_IN_NAME);
         std::fs::write(&drop_in, DROP_IN).expect("the fresh temp dir is writable");
 
+        let identity = new_identity.then(|| {
+            let identity = dir.path().join("identity");
+            std::fs::create_dir(&identity).expect("the fresh temp dir is writable");
+            // The kernel draws a fresh random UUID on every read of this file.
+            let uuid = || std::fs::read_to_string("/proc/sys/kernel/random/uuid").expect("procfs");
+            let machine_id = uuid().trim().replace('-', "");
+            std::fs::write(identity.join("machine-id"), format!("{machine_id}\n"))
+                .expect("the fresh temp dir is writable");
+            std::fs::write(identity.join("boot_id"), uuid()).expect("the temp dir is writable");
+            identity
+        });
         let holder_log = dir.path().join("holder.log");
-        let holder = start_holder(&drop_in, &holder_log);
+        let holder = start_holder(&drop_in, identity.as_deref(), &holder_log);
 
         let journald_log = dir.path().join("journald.log");
         let mut namespace = JournalNamespace { journald: None, holder, journald_log, dir };
@@ -207,6 +247,17 @@ impl JournalNamespace {
         if let Err(e) = sender.send_to(&datagram, &socket) {
             panic!("cannot send to journald at {socket}: {e}{}", self.quoted_log());
         }
+    }
+
+    /// Syncs the journal, then stops journald with SIGSTOP, so the journal is idle for
+    /// certain: journald writes nothing more, not even the change it posts to readers a
+    /// moment after its last write. Readers like journalctl keep working on the files.
+    /// Nothing can be logged afterwards; dropping the namespace still kills journald.
+    pub fn freeze_journald(&self) {
+        self.sync();
+        let pid = libc::pid_t::try_from(self.journald_pid()).expect("Linux pids fit in pid_t");
+        // SAFETY: kill has no memory-safety preconditions; journald is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
     }
 
     /// Waits until journald has written everything it has been sent so far
@@ -291,13 +342,14 @@ impl Drop for JournalNamespace {
 }
 
 /// Starts the holder and waits for its `ok`, which it prints once its mounts are done.
-fn start_holder(drop_in: &Path, log: &Path) -> Child {
+fn start_holder(drop_in: &Path, identity: Option<&Path>, log: &Path) -> Child {
     let (_, stderr) = log_stdio(log);
     let mut command = Command::new("unshare");
     command
         .args(["-m", "--propagation", "private", "--", "sh", "-c", HOLDER_SCRIPT, "sh"])
         .arg(drop_in)
         .arg(DROP_IN_NAME)
+        .arg(identity.map_or(OsStr::new(""), Path::as_os_str))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);

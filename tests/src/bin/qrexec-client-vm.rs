@@ -249,10 +249,11 @@ fn relay(call: &Call, socket: UnixStream) -> i32 {
     }
 
     let die_after_bytes = call.die_after_bytes;
-    std::thread::scope(|scope| {
-        scope.spawn(|| stdin_to_socket(&socket, die_after_bytes));
-        socket_to_stdout(&socket)
-    })
+    let Ok(writer) = socket.try_clone() else { return EXIT_LOCAL_ERROR };
+    // Not joined: when the service side ends, the call ends, even while the stdin thread
+    // is blocked reading a caller that has nothing to say (the process exit ends it).
+    std::thread::spawn(move || stdin_to_socket(&writer, die_after_bytes));
+    socket_to_stdout(&socket)
 }
 
 /// Relays stdin to the service; ends the process itself when the service has gone.

@@ -49,11 +49,11 @@ impl Printer {
                 writeln!(out)
             }
             Format::Json => {
-                serde_json::to_writer(&mut *out, &json(r))?;
+                write_json(&json(r), false, out)?;
                 writeln!(out)
             }
             Format::JsonPretty => {
-                serde_json::to_writer_pretty(&mut *out, &json(r))?;
+                write_json(&json(r), true, out)?;
                 writeln!(out)
             }
             Format::Export => export(r, out),
@@ -185,9 +185,114 @@ pub fn json(r: &Record) -> Value {
     Value::Object(map)
 }
 
-/// Journal export format. `_HOSTNAME` is the trusted VM so journalctl shows it; the VM's
-/// claimed hostname is kept as `QLOG_CLAIMED_HOSTNAME`. `__REALTIME_TIMESTAMP` is the
-/// receive time, which is what qlog orders by.
+/// Writes JSON in which, beyond what JSON requires, DEL, the C1 controls, bidi controls
+/// and line separators are `\u` escapes too: `-o json` read on a terminal must not let a
+/// VM's bytes move the cursor or reorder text, and the JSON stays the same value.
+fn write_json(value: &Value, pretty: bool, out: &mut impl Write) -> std::io::Result<()> {
+    use serde::Serialize;
+    let result = if pretty {
+        let mut ser = serde_json::Serializer::with_formatter(
+            &mut *out,
+            SafeFormatter { inner: serde_json::ser::PrettyFormatter::new() },
+        );
+        value.serialize(&mut ser)
+    } else {
+        let mut ser = serde_json::Serializer::with_formatter(
+            &mut *out,
+            SafeFormatter { inner: serde_json::ser::CompactFormatter },
+        );
+        value.serialize(&mut ser)
+    };
+    result.map_err(std::io::Error::other)
+}
+
+/// A serde_json formatter that escapes terminal-unsafe characters inside strings and
+/// otherwise formats as `inner` does.
+struct SafeFormatter<F> {
+    inner: F,
+}
+
+fn json_unsafe(c: char) -> bool {
+    matches!(c, '\u{7f}'..='\u{9f}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' | '\u{61c}')
+}
+
+impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for SafeFormatter<F> {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some(pos) = rest.find(json_unsafe) {
+            w.write_all(rest[..pos].as_bytes())?;
+            let c = rest[pos..].chars().next().expect("find returned a char boundary");
+            write!(w, "\\u{:04x}", c as u32)?;
+            rest = &rest[pos + c.len_utf8()..];
+        }
+        w.write_all(rest.as_bytes())
+    }
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.begin_array(w)
+    }
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.inner.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.begin_object(w)
+    }
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.inner.begin_object_key(w, first)
+    }
+    fn end_object_key<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_object_key(w)
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_object_value(w)
+    }
+}
+
+/// A `_BOOT_ID` journald would accept: 32 lower-case hex digits, not all zero.
+fn valid_boot_id(v: &[u8]) -> bool {
+    v.len() == 32
+        && v.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        && v.iter().any(|b| *b != b'0')
+}
+
+/// A stable stand-in boot ID for records without a valid one, derived from the VM and
+/// stream, so journal-remote never files them under the previous entry's boot.
+fn derived_boot_id(vm: &str, stream: &str) -> String {
+    let hash = |seed: u64| {
+        let bytes = vm.bytes().chain([0]).chain(stream.bytes());
+        bytes.fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    };
+    format!("{:016x}{:016x}", hash(0xcbf2_9ce4_8422_2325), hash(0x8422_2325_cbf2_9ce4))
+}
+
+/// Journal export format. `_HOSTNAME` is the trusted VM so journalctl shows it, and
+/// `__REALTIME_TIMESTAMP` is the receive time, which is what qlog orders by. The VM's own
+/// values of these, and any `__MONOTONIC_TIMESTAMP` or `_BOOT_ID` that journal-remote
+/// could not parse (it stops reading its whole input at one), are kept under
+/// `QLOG_CLAIMED_*` names.
 pub fn export(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
     let field = |out: &mut dyn Write, name: &str, value: &[u8]| -> std::io::Result<()> {
         if value.contains(&b'\n') {
@@ -205,8 +310,15 @@ pub fn export(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
     };
     let received = r.received_usec.to_string();
     field(out, fields::REALTIME_TIMESTAMP, received.as_bytes())?;
-    let monotonic = r.event.get(fields::MONOTONIC_TIMESTAMP).unwrap_or(b"0");
-    field(out, fields::MONOTONIC_TIMESTAMP, monotonic)?;
+    let monotonic = r.event.get(fields::MONOTONIC_TIMESTAMP).filter(|v| {
+        std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).is_some_and(|n| n < 1 << 63)
+    });
+    field(out, fields::MONOTONIC_TIMESTAMP, monotonic.unwrap_or(b"0"))?;
+    let boot_id = r.event.get(fields::BOOT_ID).filter(|v| valid_boot_id(v));
+    match boot_id {
+        Some(id) => field(out, fields::BOOT_ID, id)?,
+        None => field(out, fields::BOOT_ID, derived_boot_id(&r.vm, &r.stream).as_bytes())?,
+    }
     field(out, fields::HOSTNAME, r.vm.as_bytes())?;
     field(out, fields::QLOG_VM, r.vm.as_bytes())?;
     field(out, fields::QLOG_STREAM, r.stream.as_bytes())?;
@@ -215,7 +327,13 @@ pub fn export(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
     for f in &r.event.fields {
         match f.name.as_str() {
             fields::REALTIME_TIMESTAMP => field(out, "QLOG_CLAIMED_REALTIME_TIMESTAMP", &f.value)?,
-            fields::MONOTONIC_TIMESTAMP | fields::CURSOR => {}
+            fields::MONOTONIC_TIMESTAMP if monotonic.is_some() => {}
+            fields::MONOTONIC_TIMESTAMP => {
+                field(out, "QLOG_CLAIMED_MONOTONIC_TIMESTAMP", &f.value)?
+            }
+            fields::BOOT_ID if boot_id.is_some() => {}
+            fields::BOOT_ID => field(out, "QLOG_CLAIMED_BOOT_ID", &f.value)?,
+            fields::CURSOR => {}
             fields::HOSTNAME => field(out, "QLOG_CLAIMED_HOSTNAME", &f.value)?,
             name => field(out, name, &f.value)?,
         }
@@ -269,6 +387,36 @@ mod tests {
         assert!(line.contains("sd-app [claims host \"dom0\", claims time 1970-"), "{line}");
         let honest = rec(&[("_HOSTNAME", b"sd-app"), ("MESSAGE", b"hi")]);
         assert!(!render(Format::Short, &honest).contains("claims"));
+    }
+
+    #[test]
+    fn json_escapes_terminal_controls_and_stays_valid() {
+        let r = rec(&[("MESSAGE", "a\u{9b}b\u{202e}c\u{7f}".as_bytes())]);
+        let text = render(Format::Json, &r);
+        assert!(!text.chars().any(json_unsafe), "{text:?}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["MESSAGE"], "a\u{9b}b\u{202e}c\u{7f}");
+        let pretty: Value = serde_json::from_str(&render(Format::JsonPretty, &r)).unwrap();
+        assert_eq!(pretty, v);
+    }
+
+    #[test]
+    fn export_replaces_metadata_journal_remote_cannot_parse() {
+        let r = rec(&[
+            ("__MONOTONIC_TIMESTAMP", b"garbage"),
+            ("_BOOT_ID", b"not-a-boot-id"),
+            ("MESSAGE", b"m"),
+        ]);
+        let mut out = Vec::new();
+        export(&r, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("__MONOTONIC_TIMESTAMP=0\n"), "{text}");
+        assert!(
+            text.contains(&format!("_BOOT_ID={}\n", derived_boot_id("sd-app", "journal"))),
+            "{text}"
+        );
+        assert!(text.contains("QLOG_CLAIMED_MONOTONIC_TIMESTAMP=garbage\n"), "{text}");
+        assert!(text.contains("QLOG_CLAIMED_BOOT_ID=not-a-boot-id\n"), "{text}");
     }
 
     #[test]

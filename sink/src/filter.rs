@@ -11,8 +11,8 @@ use qlog_rpc::fields;
 use qlog_rpc::query::{Filter, Record, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
 use regex::bytes::{Regex, RegexBuilder};
 
-/// Fields that name the unit an entry is about, as journalctl's `-u` considers them.
-const UNIT_FIELDS: &[&str] = &["_SYSTEMD_UNIT", "UNIT", "OBJECT_SYSTEMD_UNIT", "COREDUMP_UNIT"];
+/// journald's message ID of coredump entries, whose `COREDUMP_UNIT` `-u` honours.
+const COREDUMP_MESSAGE_ID: &[u8] = b"fc2e22bc6ee647b6b90729ab34a250b1";
 
 /// Upper bound on the compiled program of a `--grep` pattern; a hostile or careless
 /// pattern fails to compile instead of eating memory.
@@ -91,14 +91,8 @@ impl CompiledFilter {
                 return false;
             }
         }
-        if !self.units.is_empty() {
-            let hit = ev.fields.iter().any(|f| {
-                UNIT_FIELDS.contains(&f.name.as_str())
-                    && self.units.iter().any(|u| u.matches(&f.value))
-            });
-            if !hit {
-                return false;
-            }
+        if !self.units.is_empty() && !self.unit_matches(ev) {
+            return false;
         }
         if !self.identifiers.is_empty() {
             let hit = ev.fields.iter().any(|f| {
@@ -124,6 +118,28 @@ impl CompiledFilter {
             }
         }
         true
+    }
+}
+
+impl CompiledFilter {
+    /// journalctl's `-u`: the entry's own unit, or a unit that a trusted sender says the
+    /// entry is about. Only systemd (`_PID=1`) may say so with `UNIT`, and only root with
+    /// `OBJECT_SYSTEMD_UNIT` or, on a coredump entry, `COREDUMP_UNIT`; from anyone else
+    /// these fields are ignored, as journalctl ignores them.
+    fn unit_matches(&self, ev: &qlog_rpc::Event) -> bool {
+        let is =
+            |name: &str, value: &[u8]| ev.fields.iter().any(|f| f.name == name && f.value == value);
+        let root = is("_UID", b"0");
+        ev.fields.iter().any(|f| {
+            let trusted = match f.name.as_str() {
+                "_SYSTEMD_UNIT" => true,
+                "UNIT" => is("_PID", b"1"),
+                "OBJECT_SYSTEMD_UNIT" => root,
+                "COREDUMP_UNIT" => root && is("MESSAGE_ID", COREDUMP_MESSAGE_ID),
+                _ => false,
+            };
+            trusted && self.units.iter().any(|u| u.matches(&f.value))
+        })
     }
 }
 
@@ -224,7 +240,8 @@ mod tests {
         assert!(u.matches(&rec(&[("_SYSTEMD_UNIT", "sshd.service")])));
         assert!(!u.matches(&rec(&[("_SYSTEMD_UNIT", "sshd.socket")])));
         let g = f(Filter { units: vec!["qubes-*".into()], ..Default::default() });
-        assert!(g.matches(&rec(&[("UNIT", "qubes-qrexec-agent.service")])));
+        assert!(g.matches(&rec(&[("UNIT", "qubes-qrexec-agent.service"), ("_PID", "1")])));
+        assert!(!g.matches(&rec(&[("UNIT", "qubes-qrexec-agent.service"), ("_PID", "42")])));
         assert!(glob_match(b"a*b?c", b"axxbyc") && !glob_match(b"a*b", b"ac"));
     }
 

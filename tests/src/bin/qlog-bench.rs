@@ -5,6 +5,13 @@
 //! eight VMs at once, and prints entries/s, MB/s, peak RSS and bytes on disk per entry
 //! for both, with qlogd's figures as ratios of the peer's. Results also go to a JSON
 //! file. This is a benchmark, not a test: nothing here asserts a number.
+//!
+//! `qlog-bench query` stores the same generated events from ten VMs in qlogd (through
+//! its ingest socket, as `ingest` does) and in journal files (through
+//! systemd-journal-remote), then times whole `qlog` and `journalctl` processes side by
+//! side, interleaved, on the same questions: the last 100 events of one VM, a filtered
+//! query, a 1% time window, a regex scan and a full JSON dump. It prints the medians and
+//! journalctl's time over qlog's, and writes them to a JSON file.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -29,6 +36,8 @@ struct Options {
     keep: bool,
     seed: u64,
     out: PathBuf,
+    /// Timed runs of each command in `query`; by default 20.
+    runs: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         keep: false,
         seed: 1,
         out: PathBuf::from("bench-results"),
+        runs: 20,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -48,12 +58,14 @@ fn main() -> anyhow::Result<()> {
             "--keep" => opts.keep = true,
             "--seed" => opts.seed = args.next().context("--seed needs a number")?.parse()?,
             "--out" => opts.out = args.next().context("--out needs a directory")?.into(),
-            other => bail!("unknown option {other}; usage: qlog-bench [ingest] [--events N] [--vms 1,8] [--seed N] [--out DIR] [--keep]"),
+            "--runs" => opts.runs = args.next().context("--runs needs a number")?.parse()?,
+            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query] [--events N] [--vms 1,8] [--runs N] [--seed N] [--out DIR] [--keep]"),
         }
     }
     match what.as_str() {
         "ingest" => ingest(&opts),
-        other => bail!("unknown benchmark {other}; available: ingest"),
+        "query" => query(&opts),
+        other => bail!("unknown benchmark {other}; available: ingest, query"),
     }
 }
 
@@ -244,7 +256,7 @@ fn run_qlogd(
         .zip(frames)
         .map(|(vm, frames)| {
             let ingest = ingest.clone();
-            std::thread::spawn(move || send_stream(&ingest, &vm, frames))
+            std::thread::spawn(move || send_stream(&ingest, &vm, frames, 0))
         })
         .collect();
     let mut acked = 0;
@@ -271,7 +283,9 @@ fn run_qlogd(
 }
 
 /// One well-behaved stream: descriptor, hello, all events, End; returns the final ack.
-fn send_stream(ingest: &Path, vm: &str, frames: Vec<u8>) -> anyhow::Result<u64> {
+/// `resume` is the last sequence number the store already holds for the stream, which
+/// the frames must continue from.
+fn send_stream(ingest: &Path, vm: &str, frames: Vec<u8>, resume: u64) -> anyhow::Result<u64> {
     let mut sock = UnixStream::connect(ingest)?;
     let mut head = format!("qlog.Ingest+ {vm}\0").into_bytes();
     let hello = Hello {
@@ -299,10 +313,13 @@ fn send_stream(ingest: &Path, vm: &str, frames: Vec<u8>) -> anyhow::Result<u64> 
         }
         dec.feed(&rbuf[..n]);
     };
-    if welcome.resume.last_seq != 0 {
-        bail!("benchmark expects an empty store");
+    if welcome.resume.last_seq != resume {
+        bail!(
+            "benchmark expects the store to hold {resume} events of {vm}, not {}",
+            welcome.resume.last_seq
+        );
     }
-    let count = count_frames(&frames);
+    let count = resume + count_frames(&frames);
     // Acks are read concurrently, as an agent does, so the socket never fills both ways.
     let writer = std::thread::spawn(move || -> anyhow::Result<()> {
         sock.write_all(&frames)?;
@@ -414,4 +431,468 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown cpu".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cpu}, {cores} cores")
+}
+
+// ---- qlog-bench query ------------------------------------------------------------------
+
+/// VMs in the query benchmark's store.
+const QUERY_VMS: usize = 10;
+/// Ingest rounds: each sends every VM's next 1/ROUNDS of its events, so the receive
+/// times of round r lie between two clock readings and a round is an exact 1% window.
+const ROUNDS: u64 = 100;
+/// The round whose receive-time window the 1% query selects: one in the middle.
+const WINDOW_ROUND: u64 = ROUNDS / 2;
+const JOURNALCTL: &str = "journalctl";
+
+/// One question asked of both systems.
+struct QueryCase {
+    name: &'static str,
+    qlog: Vec<String>,
+    journalctl: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct QueryMeasure {
+    query: String,
+    qlog_args: Vec<String>,
+    journalctl_args: Vec<String>,
+    /// Entries each printed, counted once with `-o json`.
+    qlog_matches: u64,
+    journalctl_matches: u64,
+    runs: usize,
+    qlog_median_ms: f64,
+    journalctl_median_ms: f64,
+    qlog_runs_ms: Vec<f64>,
+    journalctl_runs_ms: Vec<f64>,
+    /// journalctl's median over qlog's: above 1 means qlog is faster.
+    ratio: f64,
+}
+
+fn query(opts: &Options) -> anyhow::Result<()> {
+    let qlogd = sibling_binary("qlogd")?;
+    let qlog = sibling_binary("qlog")?;
+    if !Path::new(JOURNAL_REMOTE).exists() {
+        bail!("{JOURNAL_REMOTE} is missing: install systemd-journal-remote for the comparison");
+    }
+    std::fs::create_dir_all(&opts.out)?;
+    let names: Vec<String> = (0..QUERY_VMS).map(|i| format!("bench-vm{i}")).collect();
+    let per_vm = opts.events / QUERY_VMS as u64;
+    let entries = per_vm * QUERY_VMS as u64;
+    println!("machine: {}", machine());
+    println!(
+        "workload: {entries} generated journald entries from {QUERY_VMS} VMs, seed {}, {} timed runs each\n",
+        opts.seed, opts.runs
+    );
+    let work = tempdir()?;
+
+    // The same events twice, before any clock starts: journal files, then qlogd.
+    let t = Instant::now();
+    let journal_dir = work.join("journal");
+    std::fs::create_dir_all(&journal_dir)?;
+    let (first_realtime, last_realtime) =
+        write_journal(&journal_dir.join("remote.journal"), &names, per_vm, opts.seed)?;
+    let journal_files = journal_files(&journal_dir)?;
+    println!(
+        "journal: {} file(s), {} MiB, written in {:.1} s",
+        journal_files.len(),
+        disk_usage(&journal_dir) >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let sink = QuerySink::start(&qlogd, &work.join("qlogd"))?;
+    let marks = sink.ingest_rounds(&names, per_vm, opts.seed)?;
+    println!(
+        "qlogd: {} MiB, ingested in {:.1} s\n",
+        disk_usage(&work.join("qlogd/state")) >> 20,
+        t.elapsed().as_secs_f64()
+    );
+
+    // journalctl reads one file with --file; rotated files need the directory.
+    let source: Vec<String> = match journal_files.as_slice() {
+        [one] => vec!["--file".into(), one.display().to_string()],
+        _ => vec!["--directory".into(), journal_dir.display().to_string()],
+    };
+    let window_journal = |fraction: f64| {
+        let span = (last_realtime - first_realtime) as f64;
+        utc_timestamp(first_realtime + (span * fraction) as u64)
+    };
+    let cases = query_cases(
+        &names[3],
+        // The last hour, as each system's clock counts it: qlog's receive times, the
+        // VMs' own timestamps for journalctl (whose `-1h` would mean something else).
+        utc_timestamp(last_realtime.saturating_sub(3_600_000_000)),
+        (
+            utc_timestamp(marks[WINDOW_ROUND as usize - 1] + 1),
+            utc_timestamp(marks[WINDOW_ROUND as usize]),
+        ),
+        (
+            window_journal(WINDOW_ROUND as f64 / ROUNDS as f64),
+            window_journal((WINDOW_ROUND + 1) as f64 / ROUNDS as f64),
+        ),
+    );
+
+    let mut results = Vec::new();
+    for case in &cases {
+        let mut qlog_args = vec!["--socket".to_owned(), sink.query_socket.display().to_string()];
+        qlog_args.extend(case.qlog.iter().cloned());
+        let mut journalctl_args = source.clone();
+        journalctl_args.extend(["--no-pager".to_owned(), "-q".to_owned()]);
+        journalctl_args.extend(case.journalctl.iter().cloned());
+        let m = time_case(case.name, &qlog, &qlog_args, &journalctl_args, opts.runs)?;
+        println!(
+            "{:<24} qlog {:>9.1} ms  journalctl {:>9.1} ms  x{:<7.2} ({} / {} entries)",
+            m.query,
+            m.qlog_median_ms,
+            m.journalctl_median_ms,
+            m.ratio,
+            m.qlog_matches,
+            m.journalctl_matches
+        );
+        results.push(m);
+    }
+    drop(sink);
+
+    println!(
+        "\nmedians of {} runs, wall clock of the whole process, output to /dev/null",
+        opts.runs
+    );
+    println!(
+        "{:<24} {:>12} {:>14} {:>8} {:>10} {:>10}",
+        "query", "qlog ms", "journalctl ms", "ratio", "qlog n", "jctl n"
+    );
+    for m in &results {
+        println!(
+            "{:<24} {:>12.1} {:>14.1} {:>8.2} {:>10} {:>10}",
+            m.query,
+            m.qlog_median_ms,
+            m.journalctl_median_ms,
+            m.ratio,
+            m.qlog_matches,
+            m.journalctl_matches
+        );
+    }
+    println!("ratio = journalctl time / qlog time (above 1: qlog is faster)");
+    let path = opts.out.join("query.json");
+    let doc = serde_json::json!({
+        "benchmark": "query",
+        "machine": machine(),
+        "events": entries,
+        "vms": QUERY_VMS,
+        "seed": opts.seed,
+        "runs": opts.runs,
+        "journal_files": journal_files.len(),
+        "results": results,
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+    println!("\nresults written to {}", path.display());
+    if opts.keep {
+        println!("kept {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(())
+}
+
+/// The questions, as each tool spells them. `hour` is journalctl's start of the last
+/// hour; the windows are (since, until) for qlog and for journalctl.
+fn query_cases(
+    vm: &str,
+    hour: String,
+    qlog_window: (String, String),
+    journal_window: (String, String),
+) -> Vec<QueryCase> {
+    let v = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<String>>();
+    let pattern = "export file [0-9a-f]+: permission";
+    vec![
+        QueryCase {
+            name: "tail one VM, -n 100",
+            qlog: v(&["tail", vm, "-n", "100", "--no-follow"]),
+            journalctl: v(&["-n", "100", &format!("_HOSTNAME={vm}")]),
+        },
+        QueryCase {
+            name: "err + unit + last hour",
+            // `--since=-1h`, not `-S -1h`, which qlog's argument parser refuses today.
+            qlog: v(&["query", "-p", "err", "-u", "qubes-qrexec-agent", "--since=-1h"]),
+            journalctl: v(&["-p", "err", "-u", "qubes-qrexec-agent", "-S", &hour]),
+        },
+        QueryCase {
+            name: "1% time window",
+            qlog: v(&["query", "-S", &qlog_window.0, "-U", &qlog_window.1]),
+            journalctl: v(&["-S", &journal_window.0, "-U", &journal_window.1]),
+        },
+        QueryCase {
+            name: "regex scan (-g)",
+            qlog: v(&["query", "-g", pattern]),
+            journalctl: v(&["-g", pattern]),
+        },
+        QueryCase {
+            name: "full -o json dump",
+            qlog: v(&["query", "-o", "json"]),
+            journalctl: v(&["-o", "json"]),
+        },
+    ]
+}
+
+/// Counts each side's matches once (which also warms the page cache), then times
+/// `runs` runs of each, alternating, so drift on a shared machine hits both alike.
+fn time_case(
+    name: &str,
+    qlog: &Path,
+    qlog_args: &[String],
+    journalctl_args: &[String],
+    runs: usize,
+) -> anyhow::Result<QueryMeasure> {
+    let with_json = |args: &[String]| {
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "json") {
+            args.extend(["-o".to_owned(), "json".to_owned()]);
+        }
+        args
+    };
+    let qlog_matches = count_lines(qlog, &with_json(qlog_args))?;
+    let journalctl_matches = count_lines(Path::new(JOURNALCTL), &with_json(journalctl_args))?;
+    let (mut ours, mut theirs) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        ours.push(time_once(qlog, qlog_args)?);
+        theirs.push(time_once(Path::new(JOURNALCTL), journalctl_args)?);
+    }
+    let (qlog_median_ms, journalctl_median_ms) = (median(&ours), median(&theirs));
+    Ok(QueryMeasure {
+        query: name.to_owned(),
+        qlog_args: qlog_args.to_vec(),
+        journalctl_args: journalctl_args.to_vec(),
+        qlog_matches,
+        journalctl_matches,
+        runs,
+        qlog_median_ms,
+        journalctl_median_ms,
+        qlog_runs_ms: ours,
+        journalctl_runs_ms: theirs,
+        ratio: journalctl_median_ms / qlog_median_ms,
+    })
+}
+
+fn bench_command(program: &Path, args: &[String]) -> Command {
+    let mut command = Command::new(program);
+    command.args(args).env("TZ", "UTC").env_remove("NO_COLOR").stdin(Stdio::null());
+    command
+}
+
+/// journalctl exits 1 when `--grep` matched nothing; that is an answer, not a failure.
+fn check_status(
+    program: &Path,
+    status: std::process::ExitStatus,
+    stderr: &[u8],
+) -> anyhow::Result<()> {
+    let grep_found_nothing =
+        program == Path::new(JOURNALCTL) && status.code() == Some(1) && stderr.is_empty();
+    if !status.success() && !grep_found_nothing {
+        bail!("{} failed: {status}: {}", program.display(), String::from_utf8_lossy(stderr));
+    }
+    Ok(())
+}
+
+/// Runs the command with stdout to /dev/null; returns its wall-clock time in ms.
+fn time_once(program: &Path, args: &[String]) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = bench_command(program, args)
+        .stdout(std::fs::File::create("/dev/null")?)
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    check_status(program, out.status, &out.stderr)?;
+    Ok(ms)
+}
+
+/// Runs the command and counts the lines it prints, streaming, without keeping them.
+fn count_lines(program: &Path, args: &[String]) -> anyhow::Result<u64> {
+    let mut child = bench_command(program, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lines = 0u64;
+    loop {
+        let n = stdout.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    let out = child.wait_with_output()?;
+    check_status(program, out.status, &out.stderr)?;
+    Ok(lines)
+}
+
+fn median(ms: &[f64]) -> f64 {
+    let mut sorted = ms.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Writes every VM's events, merged in time order as one journald would have them, into
+/// systemd-journal-remote; returns the first and last `__REALTIME_TIMESTAMP`.
+fn write_journal(
+    output: &Path,
+    names: &[String],
+    per_vm: u64,
+    seed: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let mut remote = Command::new(JOURNAL_REMOTE)
+        .arg(format!("--output={}", output.display()))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start systemd-journal-remote")?;
+    let stdin = remote.stdin.take().expect("stdin is piped");
+    let realtime = |e: &qlog_rpc::Event| -> u64 {
+        e.get_str("__REALTIME_TIMESTAMP")
+            .and_then(|t| t.parse().ok())
+            .expect("the workload stamps every event")
+    };
+    let mut workloads: Vec<Workload> = names.iter().map(|n| Workload::new(seed, n)).collect();
+    let mut left = vec![per_vm; names.len()];
+    let mut heads: Vec<Option<qlog_rpc::Event>> =
+        workloads.iter_mut().map(|w| (per_vm > 0).then(|| w.next_event())).collect();
+    let (mut first, mut last) = (u64::MAX, 0);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdin);
+    // A k-way merge of ten streams that are each in time order.
+    while let Some(i) = (0..heads.len())
+        .filter(|&i| heads[i].is_some())
+        .min_by_key(|&i| realtime(heads[i].as_ref().expect("filtered")))
+    {
+        let event = heads[i].take().expect("filtered");
+        let t = realtime(&event);
+        (first, last) = (first.min(t), last.max(t));
+        write_export(&event, &mut out)?;
+        left[i] -= 1;
+        if left[i] > 0 {
+            heads[i] = Some(workloads[i].next_event());
+        }
+    }
+    out.flush()?;
+    drop(out);
+    let result = remote.wait_with_output()?;
+    if !result.status.success() {
+        bail!(
+            "systemd-journal-remote failed: {}: {}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    Ok((first, last))
+}
+
+/// The journal files journal-remote left in `dir`: one, or more if it rotated.
+fn journal_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "journal"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// qlogd for the query benchmark; SIGTERMed on drop.
+struct QuerySink {
+    child: std::process::Child,
+    ingest_socket: PathBuf,
+    query_socket: PathBuf,
+    /// Kept open until qlogd has exited: it reports stopping there too.
+    _notify: std::os::unix::net::UnixDatagram,
+}
+
+impl QuerySink {
+    fn start(qlogd: &Path, dir: &Path) -> anyhow::Result<QuerySink> {
+        std::fs::create_dir_all(dir)?;
+        let notify_path = dir.join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+        notify.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let (ingest_socket, query_socket) = (dir.join("ingest.sock"), dir.join("query.sock"));
+        let child = Command::new(qlogd)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--ingest-socket")
+            .arg(&ingest_socket)
+            .arg("--query-socket")
+            .arg(&query_socket)
+            .arg("--log-level")
+            .arg("warn")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .spawn()
+            .context("cannot start qlogd")?;
+        let mut buf = [0u8; 256];
+        let received = notify.recv(&mut buf);
+        let sink = QuerySink { child, ingest_socket, query_socket, _notify: notify };
+        let n = received.context("qlogd did not report READY=1 within 30 s")?;
+        if !buf[..n].starts_with(b"READY=1") {
+            bail!("unexpected notification from qlogd: {:?}", String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(sink)
+    }
+
+    /// Sends every VM's events in [`ROUNDS`] rounds, each VM's slice in its own session,
+    /// and returns the clock after each round (µs since the epoch). Every receive time
+    /// of round r is after `marks[r - 1]` and at most `marks[r]`.
+    fn ingest_rounds(&self, names: &[String], per_vm: u64, seed: u64) -> anyhow::Result<Vec<u64>> {
+        let mut workloads: Vec<Workload> = names.iter().map(|n| Workload::new(seed, n)).collect();
+        let mut marks = Vec::with_capacity(ROUNDS as usize);
+        for round in 0..ROUNDS {
+            let (from, to) = (round * per_vm / ROUNDS, (round + 1) * per_vm / ROUNDS);
+            for (name, workload) in names.iter().zip(&mut workloads) {
+                let mut frames = Vec::new();
+                let mut payload = Vec::new();
+                for seq in from + 1..=to {
+                    payload.clear();
+                    encode_event_payload(seq, &workload.next_event(), &mut payload);
+                    encode(FrameType::Event, &payload, &mut frames);
+                }
+                send_stream(&self.ingest_socket, name, frames, from)?;
+            }
+            marks.push(now_usec());
+        }
+        Ok(marks)
+    }
+}
+
+impl Drop for QuerySink {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn now_usec() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// `YYYY-MM-DD HH:MM:SS.ffffff UTC`, which journalctl and qlog both read.
+fn utc_timestamp(usec: u64) -> String {
+    let secs = usec / 1_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to the civil calendar (proleptic Gregorian), after Howard Hinnant.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, us) = (rem / 3600, rem / 60 % 60, rem % 60, usec % 1_000_000);
+    format!("{year}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{us:06} UTC")
 }

@@ -49,7 +49,7 @@ impl Printer {
                 writeln!(out)
             }
             Format::Json => {
-                write_json(&json(r), false, out)?;
+                write_json_line(r, out)?;
                 writeln!(out)
             }
             Format::JsonPretty => {
@@ -204,6 +204,109 @@ fn write_json(value: &Value, pretty: bool, out: &mut impl Write) -> std::io::Res
         value.serialize(&mut ser)
     };
     result.map_err(std::io::Error::other)
+}
+
+/// Writes the same JSON as `write_json(&json(r), false, ..)` without building a value
+/// first: `-o json` is how whole stores are dumped, so this is a hot path.
+fn write_json_line(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+    let seq = r.seq.to_string();
+    let received = r.received_usec.to_string();
+    let kind = match r.kind {
+        RecordKind::Event => None,
+        RecordKind::Gap => Some("gap"),
+        RecordKind::Notice => Some("notice"),
+    };
+    // Keys in byte order, as serde_json's map writes them; a VM's fields cannot collide
+    // with the sink's, which the sink renamed on ingest.
+    let mut groups: Vec<(&str, Vec<&[u8]>)> = Vec::with_capacity(r.event.fields.len() + 5);
+    let mut index = std::collections::HashMap::with_capacity(r.event.fields.len());
+    for f in &r.event.fields {
+        let slot = *index.entry(f.name.as_str()).or_insert_with(|| {
+            groups.push((f.name.as_str(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[slot].1.push(&f.value);
+    }
+    let trusted: [(&str, &[u8]); 4] = [
+        (fields::QLOG_VM, r.vm.as_bytes()),
+        (fields::QLOG_STREAM, r.stream.as_bytes()),
+        (fields::QLOG_SEQ, seq.as_bytes()),
+        (fields::QLOG_RECEIVED_USEC, received.as_bytes()),
+    ];
+    for (name, value) in trusted {
+        groups.push((name, vec![value]));
+    }
+    if let Some(kind) = kind {
+        groups.push(("_QLOG_KIND", vec![kind.as_bytes()]));
+    }
+    groups.sort_by(|a, b| a.0.cmp(b.0));
+    out.write_all(b"{")?;
+    for (i, (name, values)) in groups.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        json_string(name, out)?;
+        out.write_all(b":")?;
+        if values.len() == 1 {
+            json_value_bytes(values[0], out)?;
+        } else {
+            out.write_all(b"[")?;
+            for (j, v) in values.iter().enumerate() {
+                if j > 0 {
+                    out.write_all(b",")?;
+                }
+                json_value_bytes(v, out)?;
+            }
+            out.write_all(b"]")?;
+        }
+    }
+    out.write_all(b"}")
+}
+
+/// A value as journalctl writes it: a string if it is UTF-8, else an array of bytes.
+fn json_value_bytes(v: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    match std::str::from_utf8(v) {
+        Ok(s) => json_string(s, out),
+        Err(_) => {
+            out.write_all(b"[")?;
+            for (i, b) in v.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",")?;
+                }
+                write!(out, "{b}")?;
+            }
+            out.write_all(b"]")
+        }
+    }
+}
+
+/// A JSON string with serde_json's escapes plus those of [`json_unsafe`].
+fn json_string(s: &str, out: &mut impl Write) -> std::io::Result<()> {
+    out.write_all(b"\"")?;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        let escape: Option<&[u8]> = match c {
+            '"' => Some(b"\\\""),
+            '\\' => Some(b"\\\\"),
+            '\n' => Some(b"\\n"),
+            '\r' => Some(b"\\r"),
+            '\t' => Some(b"\\t"),
+            '\u{8}' => Some(b"\\b"),
+            '\u{c}' => Some(b"\\f"),
+            _ => None,
+        };
+        if escape.is_none() && (c as u32) >= 0x20 && !json_unsafe(c) {
+            continue;
+        }
+        out.write_all(&s.as_bytes()[start..i])?;
+        match escape {
+            Some(e) => out.write_all(e)?,
+            None => write!(out, "\\u{:04x}", c as u32)?,
+        }
+        start = i + c.len_utf8();
+    }
+    out.write_all(&s.as_bytes()[start..])?;
+    out.write_all(b"\"")
 }
 
 /// A serde_json formatter that escapes terminal-unsafe characters inside strings and
@@ -398,6 +501,32 @@ mod tests {
         assert_eq!(v["MESSAGE"], "a\u{9b}b\u{202e}c\u{7f}");
         let pretty: Value = serde_json::from_str(&render(Format::JsonPretty, &r)).unwrap();
         assert_eq!(pretty, v);
+    }
+
+    #[test]
+    fn direct_json_equals_the_serde_rendering() {
+        let samples: Vec<Record> = vec![
+            rec(&[("MESSAGE", "plain".as_bytes()), ("TAG", b"1"), ("TAG", b"2")]),
+            rec(&[(
+                "MESSAGE",
+                "q\"b\\s\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}\u{9b}\u{202e}\u{2066}Grüße".as_bytes(),
+            )]),
+            rec(&[("BIN", &[0, 255, 10][..]), ("BIN", b"text"), ("A", b""), ("Z", b"z")]),
+        ];
+        for r in samples {
+            let mut direct = Vec::new();
+            write_json_line(&r, &mut direct).unwrap();
+            let mut via = Vec::new();
+            write_json(&json(&r), false, &mut via).unwrap();
+            assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via).unwrap());
+        }
+        let mut gap = rec(&[("MESSAGE", b"gap")]);
+        gap.kind = RecordKind::Gap;
+        let mut direct = Vec::new();
+        write_json_line(&gap, &mut direct).unwrap();
+        let mut via = Vec::new();
+        write_json(&json(&gap), false, &mut via).unwrap();
+        assert_eq!(direct, via);
     }
 
     #[test]

@@ -168,6 +168,109 @@ impl Record {
     }
 }
 
+/// A stored record read in place: the sink filters and forwards records without
+/// allocating for any field it does not keep.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub vm: &'a str,
+    pub stream: &'a str,
+    pub received_usec: u64,
+    pub seq: u64,
+    pub kind: RecordKind,
+    /// The whole record, as [`Record::encode`] wrote it.
+    pub bytes: &'a [u8],
+    /// The field block: count, then names and values.
+    fields: &'a [u8],
+    count: u32,
+}
+
+impl<'a> RecordView<'a> {
+    /// Reads the record at the front of `buf`; checks the layout (not the name rules,
+    /// which held when the record was stored).
+    pub fn parse(buf: &'a [u8]) -> Result<RecordView<'a>, EventError> {
+        let mut r = Reader { buf, pos: 0 };
+        let vm = view_short_str(&mut r)?;
+        let stream = view_short_str(&mut r)?;
+        let received_usec = r.u64()?;
+        let seq = r.u64()?;
+        let kind_offset = r.pos;
+        let kind = RecordKind::from_u8(r.u8()?)
+            .ok_or(EventError::Truncated { offset: kind_offset, needed: 0 })?;
+        let fields_start = r.pos;
+        let count = r.u32()?;
+        for _ in 0..count {
+            let name_len = r.u8()? as usize;
+            r.bytes(name_len)?;
+            let value_len = r.u32()? as usize;
+            r.bytes(value_len)?;
+        }
+        Ok(RecordView {
+            vm,
+            stream,
+            received_usec,
+            seq,
+            kind,
+            bytes: &buf[..r.pos],
+            fields: &buf[fields_start + 4..r.pos],
+            count,
+        })
+    }
+
+    /// Every record in `buf`, which holds whole records back to back.
+    pub fn parse_all(buf: &'a [u8]) -> Result<Vec<RecordView<'a>>, EventError> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < buf.len() {
+            let view = RecordView::parse(&buf[pos..])?;
+            pos += view.bytes.len();
+            out.push(view);
+        }
+        Ok(out)
+    }
+
+    /// The fields in order, as (name, value).
+    pub fn fields(&self) -> FieldIter<'a> {
+        FieldIter { buf: self.fields, left: self.count }
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.fields().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+/// Iterates a field block that [`RecordView::parse`] has already bounds-checked.
+pub struct FieldIter<'a> {
+    buf: &'a [u8],
+    left: u32,
+}
+
+impl<'a> Iterator for FieldIter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let name_len = self.buf[0] as usize;
+        let name = std::str::from_utf8(&self.buf[1..1 + name_len]).unwrap_or("");
+        let at = 1 + name_len;
+        let value_len =
+            u32::from_be_bytes(self.buf[at..at + 4].try_into().expect("checked by parse")) as usize;
+        let value = &self.buf[at + 4..at + 4 + value_len];
+        self.buf = &self.buf[at + 4 + value_len..];
+        Some((name, value))
+    }
+}
+
+fn view_short_str<'a>(r: &mut Reader<'a>) -> Result<&'a str, EventError> {
+    let len = r.u8()? as usize;
+    let offset = r.pos;
+    let bytes = r.bytes(len)?;
+    std::str::from_utf8(bytes).map_err(|_| EventError::Truncated { offset, needed: 0 })
+}
+
 fn put_short_str(out: &mut Vec<u8>, s: &str) {
     let len = u8::try_from(s.len()).expect("VM and stream names are at most 64 bytes");
     out.push(len);
@@ -251,6 +354,32 @@ mod tests {
         rec.encode(&mut buf);
         let (back, used) = Record::decode(&buf, &Limits::DEFAULT).unwrap();
         assert_eq!((back, used), (rec, buf.len()));
+    }
+
+    #[test]
+    fn views_read_what_records_wrote() {
+        let mut event = Event::new();
+        event.push("MESSAGE", "hi");
+        event.push("BIN", vec![0u8, 255]);
+        let rec = Record {
+            vm: "a".into(),
+            stream: "s".into(),
+            received_usec: 5,
+            seq: 2,
+            kind: RecordKind::Event,
+            event,
+        };
+        let mut buf = Vec::new();
+        rec.encode(&mut buf);
+        rec.encode(&mut buf);
+        let views = RecordView::parse_all(&buf).unwrap();
+        assert_eq!(views.len(), 2);
+        let v = views[1];
+        assert_eq!((v.vm, v.stream, v.received_usec, v.seq), ("a", "s", 5, 2));
+        assert_eq!(v.get("BIN"), Some(&[0u8, 255][..]));
+        assert_eq!(v.fields().count(), 2);
+        assert_eq!(Record::decode(v.bytes, &Limits::DEFAULT).unwrap().0, rec);
+        assert!(RecordView::parse(&buf[..buf.len() / 2 - 1]).is_err());
     }
 
     #[test]

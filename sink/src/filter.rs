@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use qlog_rpc::fields;
-use qlog_rpc::query::{Filter, Record, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
+use qlog_rpc::query::{Filter, RecordView, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
 use regex::bytes::{Regex, RegexBuilder};
 
 /// journald's message ID of coredump entries, whose `COREDUMP_UNIT` `-u` honours.
@@ -80,30 +80,30 @@ impl CompiledFilter {
         self.since_usec.is_none_or(|s| usec >= s) && self.until_usec.is_none_or(|u| usec <= u)
     }
 
-    pub fn matches(&self, r: &Record) -> bool {
+    /// Evaluates the filter on a record in place, without decoding it.
+    pub fn matches(&self, r: &RecordView<'_>) -> bool {
         if !self.in_time_range(r.received_usec) {
             return false;
         }
-        let ev = &r.event;
         if let Some((lo, hi)) = self.priority {
-            let p = ev.get(fields::PRIORITY).and_then(parse_priority);
+            let p = r.get(fields::PRIORITY).and_then(parse_priority);
             if !p.is_some_and(|p| p >= lo && p <= hi) {
                 return false;
             }
         }
-        if !self.units.is_empty() && !self.unit_matches(ev) {
+        if !self.units.is_empty() && !self.unit_matches(r) {
             return false;
         }
         if !self.identifiers.is_empty() {
-            let hit = ev.fields.iter().any(|f| {
-                f.name == fields::SYSLOG_IDENTIFIER && self.identifiers.contains(&f.value)
+            let hit = r.fields().any(|(name, value)| {
+                name == fields::SYSLOG_IDENTIFIER && self.identifiers.iter().any(|i| i == value)
             });
             if !hit {
                 return false;
             }
         }
         if let Some(re) = &self.grep {
-            if !ev.get(fields::MESSAGE).is_some_and(|m| re.is_match(m)) {
+            if !r.get(fields::MESSAGE).is_some_and(|m| re.is_match(m)) {
                 return false;
             }
         }
@@ -111,7 +111,7 @@ impl CompiledFilter {
             let hit = match name.as_str() {
                 fields::QLOG_VM => wanted.iter().any(|w| w == r.vm.as_bytes()),
                 fields::QLOG_STREAM => wanted.iter().any(|w| w == r.stream.as_bytes()),
-                _ => ev.fields.iter().any(|f| f.name == *name && wanted.contains(&f.value)),
+                _ => r.fields().any(|(n, v)| n == name && wanted.iter().any(|w| w == v)),
             };
             if !hit {
                 return false;
@@ -119,26 +119,22 @@ impl CompiledFilter {
         }
         true
     }
-}
 
-impl CompiledFilter {
     /// journalctl's `-u`: the entry's own unit, or a unit that a trusted sender says the
     /// entry is about. Only systemd (`_PID=1`) may say so with `UNIT`, and only root with
     /// `OBJECT_SYSTEMD_UNIT` or, on a coredump entry, `COREDUMP_UNIT`; from anyone else
     /// these fields are ignored, as journalctl ignores them.
-    fn unit_matches(&self, ev: &qlog_rpc::Event) -> bool {
-        let is =
-            |name: &str, value: &[u8]| ev.fields.iter().any(|f| f.name == name && f.value == value);
-        let root = is("_UID", b"0");
-        ev.fields.iter().any(|f| {
-            let trusted = match f.name.as_str() {
+    fn unit_matches(&self, r: &RecordView<'_>) -> bool {
+        let is = |name: &str, value: &[u8]| r.fields().any(|(n, v)| n == name && v == value);
+        r.fields().any(|(name, value)| {
+            let trusted = match name {
                 "_SYSTEMD_UNIT" => true,
                 "UNIT" => is("_PID", b"1"),
-                "OBJECT_SYSTEMD_UNIT" => root,
-                "COREDUMP_UNIT" => root && is("MESSAGE_ID", COREDUMP_MESSAGE_ID),
+                "OBJECT_SYSTEMD_UNIT" => is("_UID", b"0"),
+                "COREDUMP_UNIT" => is("_UID", b"0") && is("MESSAGE_ID", COREDUMP_MESSAGE_ID),
                 _ => false,
             };
-            trusted && self.units.iter().any(|u| u.matches(&f.value))
+            trusted && self.units.iter().any(|u| u.matches(value))
         })
     }
 }
@@ -199,22 +195,30 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qlog_rpc::query::{Grep, RecordKind};
+    use qlog_rpc::query::{Grep, Record, RecordKind};
     use qlog_rpc::Event;
 
-    fn rec(fields: &[(&str, &str)]) -> Record {
+    /// An encoded record; tests read it with [`view`].
+    fn rec(fields: &[(&str, &str)]) -> Vec<u8> {
         let mut event = Event::new();
         for (k, v) in fields {
             event.push(*k, *v);
         }
-        Record {
+        let r = Record {
             vm: "sd-app".into(),
             stream: "journal".into(),
             received_usec: 1000,
             seq: 1,
             kind: RecordKind::Event,
             event,
-        }
+        };
+        let mut buf = Vec::new();
+        r.encode(&mut buf);
+        buf
+    }
+
+    fn view(buf: &[u8]) -> RecordView<'_> {
+        RecordView::parse(buf).unwrap()
     }
 
     fn f(filter: Filter) -> CompiledFilter {
@@ -224,24 +228,23 @@ mod tests {
     #[test]
     fn priority_range_includes_both_ends_and_excludes_missing_priority() {
         let err_and_worse = f(Filter { priority: Some((0, 3)), ..Default::default() });
-        assert!(err_and_worse.matches(&rec(&[("PRIORITY", "3")])));
-        assert!(!err_and_worse.matches(&rec(&[("PRIORITY", "4")])));
-        assert!(!err_and_worse.matches(&rec(&[("MESSAGE", "no priority")])));
+        assert!(err_and_worse.matches(&view(&rec(&[("PRIORITY", "3")]))));
+        assert!(!err_and_worse.matches(&view(&rec(&[("PRIORITY", "4")]))));
+        assert!(!err_and_worse.matches(&view(&rec(&[("MESSAGE", "no priority")]))));
         let range = f(Filter { priority: Some((4, 3)), ..Default::default() });
-        assert!(
-            range.matches(&rec(&[("PRIORITY", "4")])) && range.matches(&rec(&[("PRIORITY", "3")]))
-        );
-        assert!(!range.matches(&rec(&[("PRIORITY", "2")])));
+        assert!(range.matches(&view(&rec(&[("PRIORITY", "4")]))));
+        assert!(range.matches(&view(&rec(&[("PRIORITY", "3")]))));
+        assert!(!range.matches(&view(&rec(&[("PRIORITY", "2")]))));
     }
 
     #[test]
     fn unit_names_get_service_suffix_and_globs() {
         let u = f(Filter { units: vec!["sshd".into()], ..Default::default() });
-        assert!(u.matches(&rec(&[("_SYSTEMD_UNIT", "sshd.service")])));
-        assert!(!u.matches(&rec(&[("_SYSTEMD_UNIT", "sshd.socket")])));
+        assert!(u.matches(&view(&rec(&[("_SYSTEMD_UNIT", "sshd.service")]))));
+        assert!(!u.matches(&view(&rec(&[("_SYSTEMD_UNIT", "sshd.socket")]))));
         let g = f(Filter { units: vec!["qubes-*".into()], ..Default::default() });
-        assert!(g.matches(&rec(&[("UNIT", "qubes-qrexec-agent.service"), ("_PID", "1")])));
-        assert!(!g.matches(&rec(&[("UNIT", "qubes-qrexec-agent.service"), ("_PID", "42")])));
+        assert!(g.matches(&view(&rec(&[("UNIT", "qubes-qrexec-agent.service"), ("_PID", "1")]))));
+        assert!(!g.matches(&view(&rec(&[("UNIT", "qubes-qrexec-agent.service"), ("_PID", "42")]))));
         assert!(glob_match(b"a*b?c", b"axxbyc") && !glob_match(b"a*b", b"ac"));
     }
 
@@ -255,12 +258,12 @@ mod tests {
             ],
             ..Default::default()
         });
-        assert!(m.matches(&rec(&[("A", "2"), ("B", "x")])));
-        assert!(!m.matches(&rec(&[("A", "2")])));
-        assert!(!m.matches(&rec(&[("A", "3"), ("B", "x")])));
+        assert!(m.matches(&view(&rec(&[("A", "2"), ("B", "x")]))));
+        assert!(!m.matches(&view(&rec(&[("A", "2")]))));
+        assert!(!m.matches(&view(&rec(&[("A", "3"), ("B", "x")]))));
         let vm =
             f(Filter { matches: vec![("_QLOG_VM".into(), "sd-app".into())], ..Default::default() });
-        assert!(vm.matches(&rec(&[])));
+        assert!(vm.matches(&view(&rec(&[]))));
     }
 
     #[test]
@@ -271,9 +274,9 @@ mod tests {
                 ..Default::default()
             })
         };
-        assert!(g("fail", true).matches(&rec(&[("MESSAGE", "Disk FAILED")])));
-        assert!(!g("fail", false).matches(&rec(&[("MESSAGE", "Disk FAILED")])));
-        assert!(!g("x", true).matches(&rec(&[])));
+        assert!(g("fail", true).matches(&view(&rec(&[("MESSAGE", "Disk FAILED")]))));
+        assert!(!g("fail", false).matches(&view(&rec(&[("MESSAGE", "Disk FAILED")]))));
+        assert!(!g("x", true).matches(&view(&rec(&[]))));
         let bad = Filter {
             grep: Some(Grep { pattern: "(".into(), case_insensitive: false }),
             ..Default::default()
@@ -284,8 +287,8 @@ mod tests {
     #[test]
     fn time_bounds_are_inclusive_on_receive_time() {
         let t = f(Filter { since_usec: Some(1000), until_usec: Some(1000), ..Default::default() });
-        assert!(t.matches(&rec(&[])));
+        assert!(t.matches(&view(&rec(&[]))));
         let t = f(Filter { since_usec: Some(1001), ..Default::default() });
-        assert!(!t.matches(&rec(&[])));
+        assert!(!t.matches(&view(&rec(&[]))));
     }
 }

@@ -8,13 +8,15 @@
 //! waits for a follower: a follower that cannot keep up is told how much it missed.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use qlog_rpc::frame::{encode, FrameDecoder, FrameType};
 use qlog_rpc::message::{decode_json, encode_json};
-use qlog_rpc::query::{Done, EventsQuery, Lagged, Record, Request, VmsReply, MAX_REQUEST_ITEMS};
+use qlog_rpc::query::{
+    Done, EventsQuery, Lagged, RecordView, Request, VmsReply, MAX_REQUEST_ITEMS,
+};
 use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
@@ -208,10 +210,9 @@ struct FrameSink<'a> {
 }
 
 impl FrameSink<'_> {
-    fn record(&mut self, r: &Record) {
-        let mut payload = Vec::with_capacity(256);
-        r.encode(&mut payload);
-        encode(FrameType::Record, &payload, &mut self.buf);
+    /// Sends one record as it is stored: records are already in their wire encoding.
+    fn record(&mut self, m: &Match) {
+        encode(FrameType::Record, &m.bytes, &mut self.buf);
         if self.buf.len() >= SEND_CHUNK {
             self.flush();
         }
@@ -231,25 +232,43 @@ impl FrameSink<'_> {
     }
 }
 
-/// One VM's matching records in time order (or reverse), decoded a batch at a time.
+/// A record that matched, copied out of its batch. `key` orders the merge: receive
+/// time, then the VM's place in the sorted VM list (which is name order), then sequence.
+struct Match {
+    key: (u64, usize, u64),
+    bytes: Vec<u8>,
+}
+
+/// One VM's matching records in time order (or reverse), a batch at a time, filtered
+/// in place so only matches are copied.
 struct VmCursor<'a> {
     store: &'a Store,
     vm: &'a str,
+    source: usize,
     batches: Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + 'a>,
-    pending: VecDeque<Record>,
+    /// The current batch, decompressed, and where its records start and end, in the
+    /// order they are to be visited.
+    raw: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+    next: usize,
     filter: &'a CompiledFilter,
     reverse: bool,
     watermark: u64,
 }
 
 impl Iterator for VmCursor<'_> {
-    type Item = Result<Record, StoreError>;
+    type Item = Result<Match, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            while let Some(r) = self.pending.pop_front() {
-                if self.filter.matches(&r) {
-                    return Some(Ok(r));
+            while self.next < self.spans.len() {
+                let (start, end) = self.spans[self.next];
+                self.next += 1;
+                let bytes = &self.raw[start..end];
+                let view = RecordView::parse(bytes).expect("read_raw checked every record");
+                if self.filter.matches(&view) {
+                    let key = (view.received_usec, self.source, view.seq);
+                    return Some(Ok(Match { key, bytes: bytes.to_vec() }));
                 }
             }
             let info = match self.batches.next()? {
@@ -260,34 +279,37 @@ impl Iterator for VmCursor<'_> {
             if info.batch_id() > self.watermark {
                 continue;
             }
-            let mut records = match self.store.read_batch(self.vm, &info) {
-                Ok(r) => r,
+            self.raw = match self.store.read_raw(self.vm, &info) {
+                Ok(raw) => raw,
                 Err(e) => return Some(Err(e)),
             };
-            if self.reverse {
-                records.reverse();
+            self.spans.clear();
+            let mut pos = 0;
+            while pos < self.raw.len() {
+                let len = RecordView::parse(&self.raw[pos..])
+                    .expect("read_raw checked every record")
+                    .bytes
+                    .len();
+                self.spans.push((pos, pos + len));
+                pos += len;
             }
-            self.pending = records.into();
+            if self.reverse {
+                self.spans.reverse();
+            }
+            self.next = 0;
         }
     }
 }
 
-/// Ordering key for merging VMs: (receive time, VM, sequence).
 struct Head {
-    record: Record,
+    m: Match,
     source: usize,
     reverse: bool,
 }
 
-impl Head {
-    fn key(&self) -> (u64, &str, u64) {
-        (self.record.received_usec, &self.record.vm, self.record.seq)
-    }
-}
-
 impl PartialEq for Head {
     fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
+        self.m.key == other.m.key
     }
 }
 impl Eq for Head {}
@@ -299,7 +321,7 @@ impl PartialOrd for Head {
 impl Ord for Head {
     /// BinaryHeap pops the greatest: forward merges invert the order to pop the oldest.
     fn cmp(&self, other: &Self) -> Ordering {
-        let ord = self.key().cmp(&other.key());
+        let ord = self.m.key.cmp(&other.m.key);
         if self.reverse {
             ord
         } else {
@@ -317,6 +339,7 @@ struct Merge<'a> {
 }
 
 impl<'a> Merge<'a> {
+    /// `vms` must be sorted, so a VM's index orders as its name does.
     fn new(
         store: &'a Store,
         vms: &'a [String],
@@ -326,11 +349,15 @@ impl<'a> Merge<'a> {
     ) -> Merge<'a> {
         let cursors = vms
             .iter()
-            .map(|vm| VmCursor {
+            .enumerate()
+            .map(|(source, vm)| VmCursor {
                 store,
                 vm,
+                source,
                 batches: store.scan(vm, filter.since_usec, filter.until_usec, reverse),
-                pending: VecDeque::new(),
+                raw: Vec::new(),
+                spans: Vec::new(),
+                next: 0,
                 filter,
                 reverse,
                 watermark,
@@ -341,7 +368,7 @@ impl<'a> Merge<'a> {
 
     fn pull(&mut self, source: usize) {
         match self.cursors[source].next() {
-            Some(Ok(record)) => self.heap.push(Head { record, source, reverse: self.reverse }),
+            Some(Ok(m)) => self.heap.push(Head { m, source, reverse: self.reverse }),
             Some(Err(e)) => self.error = Some(e),
             None => {}
         }
@@ -349,7 +376,7 @@ impl<'a> Merge<'a> {
 }
 
 impl Iterator for Merge<'_> {
-    type Item = Result<Record, StoreError>;
+    type Item = Result<Match, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if !self.primed {
@@ -363,7 +390,7 @@ impl Iterator for Merge<'_> {
         }
         let head = self.heap.pop()?;
         self.pull(head.source);
-        Some(Ok(head.record))
+        Some(Ok(head.m))
     }
 }
 
@@ -404,13 +431,16 @@ async fn follow(
         if cycle.last_batch_id <= watermark {
             continue;
         }
+        // Filtered in place; the matches go out as they are stored, in merge order.
+        let Ok(views) = RecordView::parse_all(&cycle.raw) else { continue };
+        let mut matched: Vec<&RecordView<'_>> = views
+            .iter()
+            .filter(|r| (vms.is_empty() || vms.iter().any(|v| v == r.vm)) && filter.matches(r))
+            .collect();
+        matched.sort_by(|a, b| (a.received_usec, a.vm, a.seq).cmp(&(b.received_usec, b.vm, b.seq)));
         let mut buf = Vec::new();
-        for r in &cycle.records() {
-            if (vms.is_empty() || vms.contains(&r.vm)) && filter.matches(r) {
-                let mut payload = Vec::with_capacity(256);
-                r.encode(&mut payload);
-                encode(FrameType::Record, &payload, &mut buf);
-            }
+        for r in matched {
+            encode(FrameType::Record, r.bytes, &mut buf);
         }
         if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
             return;

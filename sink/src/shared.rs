@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qlog_rpc::query::{Record, StreamInfo, VmInfo};
+use qlog_rpc::query::{StreamInfo, VmInfo};
 use tokio::sync::broadcast;
 
 use crate::store::{StreamState, VmState};
@@ -27,24 +27,9 @@ pub struct Committed {
     pub events_before: u64,
     /// How many records the cycle committed.
     pub count: u64,
-    /// The cycle's records, encoded back to back (see [`Committed::records`]).
+    /// The cycle's records, encoded back to back (read with
+    /// [`qlog_rpc::query::RecordView::parse_all`]).
     pub raw: Vec<u8>,
-}
-
-impl Committed {
-    /// The cycle's records, ordered by (receive time, VM, sequence). Followers decode
-    /// them, so the committer never pays for a follower.
-    pub fn records(&self) -> Vec<Record> {
-        let limits = qlog_rpc::Limits {
-            max_fields: u32::MAX,
-            max_value_len: u32::MAX,
-            ..Default::default()
-        };
-        let mut records = Record::decode_all(&self.raw, &limits).unwrap_or_default();
-        records
-            .sort_by(|a, b| (a.received_usec, &a.vm, a.seq).cmp(&(b.received_usec, &b.vm, b.seq)));
-        records
-    }
 }
 
 pub struct Shared {

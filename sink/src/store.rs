@@ -302,12 +302,32 @@ impl Store {
 
     /// Reads and decodes one batch.
     pub fn read_batch(&self, vm: &str, info: &BatchInfo) -> Result<Vec<Record>, StoreError> {
+        decode_batch(&info.key, &self.read_value(vm, info)?)
+    }
+
+    /// Reads one batch and returns its records still encoded, back to back, each already
+    /// checked to be whole (see [`qlog_rpc::query::RecordView`]).
+    pub fn read_raw(&self, vm: &str, info: &BatchInfo) -> Result<Vec<u8>, StoreError> {
+        let raw = inflate(&info.key, &self.read_value(vm, info)?)?;
+        match qlog_rpc::query::RecordView::parse_all(&raw) {
+            Ok(views) if views.len() == info.count as usize => Ok(raw),
+            Ok(views) => Err(StoreError::Corrupt {
+                key: hex(&info.key),
+                reason: format!("index says {} records, found {}", info.count, views.len()),
+            }),
+            Err(e) => {
+                Err(StoreError::Corrupt { key: hex(&info.key), reason: format!("record: {e}") })
+            }
+        }
+    }
+
+    fn read_value(&self, vm: &str, info: &BatchInfo) -> Result<Vec<u8>, StoreError> {
         let path = self.segment_path(vm, info.segment);
         let read_err = |source| StoreError::Read { path: path.clone(), source };
         let file = File::open(&path).map_err(read_err)?;
         let mut value = vec![0u8; info.len as usize];
         file.read_exact_at(&mut value, info.offset).map_err(read_err)?;
-        decode_batch(&info.key, &value)
+        Ok(value)
     }
 
     /// Bytes the store takes on disk: index and segments.
@@ -537,16 +557,8 @@ impl StoreWriter {
 /// Decompresses a batch value into its records, in receive-time order.
 pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { key: hex(key), reason };
-    if value.len() < BATCH_HEADER_LEN || value[0] != BATCH_VERSION {
-        return Err(corrupt("bad batch header".into()));
-    }
-    let count = u32::from_be_bytes(value[1..5].try_into().expect("header checked"));
-    let raw_len = u32::from_be_bytes(value[21..25].try_into().expect("header checked"));
-    if raw_len > MAX_BATCH_RAW_LEN {
-        return Err(corrupt(format!("claims {raw_len} uncompressed bytes")));
-    }
-    let raw = zstd::bulk::decompress(&value[BATCH_HEADER_LEN..], raw_len as usize)
-        .map_err(|e| corrupt(format!("zstd: {e}")))?;
+    let raw = inflate(key, value)?;
+    let count = u32::from_be_bytes(value[1..5].try_into().expect("inflate checked the header"));
     // Stored records were validated on ingest; the limits here only guard against a
     // damaged store, so they are generous.
     let limits = Limits { max_fields: u32::MAX, max_value_len: u32::MAX, ..Limits::DEFAULT };
@@ -562,6 +574,20 @@ pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError>
         return Err(corrupt(format!("header says {count} records, found {}", records.len())));
     }
     Ok(records)
+}
+
+/// Checks a batch header and decompresses the records behind it.
+fn inflate(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { key: hex(key), reason };
+    if value.len() < BATCH_HEADER_LEN || value[0] != BATCH_VERSION {
+        return Err(corrupt("bad batch header".into()));
+    }
+    let raw_len = u32::from_be_bytes(value[21..25].try_into().expect("header checked"));
+    if raw_len > MAX_BATCH_RAW_LEN {
+        return Err(corrupt(format!("claims {raw_len} uncompressed bytes")));
+    }
+    zstd::bulk::decompress(&value[BATCH_HEADER_LEN..], raw_len as usize)
+        .map_err(|e| corrupt(format!("zstd: {e}")))
 }
 
 fn encode_index(info: &BatchInfo) -> [u8; INDEX_VALUE_LEN] {

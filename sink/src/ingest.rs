@@ -114,8 +114,10 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         Ok(Ok(desc)) => desc,
         Ok(Err(rejection)) => return reject(&ctx, &mut wr, None, rejection).await,
         Err(_) => {
+            // Every handshake timeout is `bad-hello` (rpc/PROTOCOL.md), whichever part
+            // was late.
             let r = Rejection::new(
-                ErrorCode::BadDescriptor,
+                ErrorCode::BadHello,
                 "no qrexec descriptor within the handshake timeout",
             );
             return reject(&ctx, &mut wr, None, r).await;
@@ -125,9 +127,10 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         Ok(Ok(hello)) => hello,
         Ok(Err(rejection)) => return reject(&ctx, &mut wr, Some(desc.source_vm), rejection).await,
         Err(_) => {
+            // A slow peer is not a malformed one: it is not counted against the VM.
             let r =
                 Rejection::new(ErrorCode::BadHello, "no Hello frame within the handshake timeout");
-            return reject(&ctx, &mut wr, Some(desc.source_vm), r).await;
+            return reject(&ctx, &mut wr, None, r).await;
         }
     };
     let vm = desc.source_vm.clone();

@@ -55,6 +55,10 @@ struct Args {
     #[arg(long, env = "QLOG_RETENTION_DAYS")]
     retention_days: Option<u64>,
 
+    /// Seconds events are kept; overrides --retention-days (for tests of retention).
+    #[arg(long, hide = true)]
+    retention_seconds: Option<u64>,
+
     /// Bytes of page cache for the store index.
     #[arg(long, default_value_t = 32 << 20)]
     cache_bytes: u64,
@@ -188,7 +192,10 @@ fn merge(args: &Args, file: FileConfig) -> Config {
         query_group: args.query_group.clone().or(file.query_group),
         settings: Settings {
             vm_quota_bytes: args.vm_quota.or(file.vm_quota.map(|b| b.0)).unwrap_or(1 << 30),
-            retention: days(args.retention_days.or(file.retention_days).unwrap_or(30)),
+            retention: match args.retention_seconds {
+                Some(secs) => Duration::from_secs(secs),
+                None => days(args.retention_days.or(file.retention_days).unwrap_or(30)),
+            },
             overrides,
             expected_vms: file.expected_vms,
         },

@@ -65,8 +65,35 @@ fn main() -> anyhow::Result<()> {
     match what.as_str() {
         "ingest" => ingest(&opts),
         "query" => query(&opts),
-        other => bail!("unknown benchmark {other}; available: ingest, query"),
+        "all" => all(&opts),
+        other => bail!("unknown benchmark {other}; available: ingest, query, all"),
     }
+}
+
+/// Every benchmark in one run: ingest and query here, the agent's footprint and the
+/// end-to-end latency through `qlog-footprint` (which needs root for its journald).
+/// Each writes its own JSON file; `summary.json` gathers them.
+fn all(opts: &Options) -> anyhow::Result<()> {
+    ingest(opts)?;
+    query(opts)?;
+    let footprint = sibling_binary("qlog-footprint")?;
+    for what in ["agent", "latency"] {
+        let status = Command::new(&footprint).arg(what).arg("--out").arg(&opts.out).status()?;
+        if !status.success() {
+            eprintln!("qlog-footprint {what} failed ({status}); its results are missing");
+        }
+    }
+    let mut summary = serde_json::Map::new();
+    for name in ["ingest", "query", "agent", "latency"] {
+        let path = opts.out.join(format!("{name}.json"));
+        if let Ok(bytes) = std::fs::read(&path) {
+            summary.insert(name.into(), serde_json::from_slice(&bytes)?);
+        }
+    }
+    let path = opts.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    println!("\nall results: {}", path.display());
+    Ok(())
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -150,7 +150,9 @@ pub struct Committer {
     streams: HashMap<StreamKey, StreamMem>,
     vms: HashMap<String, VmState>,
     next_batch_id: u64,
-    /// Receive times never go backwards, so a VM's batches never overlap in time.
+    /// Receive times never go backwards, so a VM's batches never overlap in time; it
+    /// starts at the newest stored batch, so a clock stepped back across a restart does
+    /// not break that either.
     last_stamp: u64,
 }
 
@@ -182,8 +184,13 @@ impl Committer {
             .collect();
         let vms = store.load_vms()?;
         let next_batch_id = store.next_batch_id()?;
+        let last_stamp = vms
+            .keys()
+            .filter_map(|vm| store.scan(vm, None, None, true).next()?.ok().map(|b| b.last_usec))
+            .max()
+            .unwrap_or(0);
         let store = StoreWriter::open(store, settings.segment_bytes())?;
-        Ok(Committer { store, shared, settings, streams, vms, next_batch_id, last_stamp: 0 })
+        Ok(Committer { store, shared, settings, streams, vms, next_batch_id, last_stamp })
     }
 
     /// Runs until every sender is gone, committing what is queued before returning.
@@ -406,7 +413,9 @@ impl Committer {
                 continue;
             }
             // Compression shrinks log batches several-fold; a quarter is a cautious guess
-            // of what this batch will add.
+            // of what this batch will add. FIXME: journal batches compress about 11x, so
+            // with a quota near one cycle's size a trim removes more than needed; compress
+            // first and trim by the real size if small quotas matter in practice.
             let estimate = records.raw.len() as u64 / 4;
             if let Some(gap) = self.enforce_quota(&vm, estimate, &mut cycle) {
                 records.push_record(&gap);

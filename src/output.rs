@@ -327,7 +327,7 @@ impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for SafeFormatter
     ) -> std::io::Result<()> {
         let mut rest = fragment;
         while let Some(pos) = rest.find(json_unsafe) {
-            w.write_all(rest[..pos].as_bytes())?;
+            w.write_all(&rest.as_bytes()[..pos])?;
             let c = rest[pos..].chars().next().expect("find returned a char boundary");
             write!(w, "\\u{:04x}", c as u32)?;
             rest = &rest[pos + c.len_utf8()..];

@@ -4,7 +4,8 @@
 //! `qlog-agent` through the qrexec test double, which plays qrexec's part (it names the
 //! calling VM in the descriptor, as dom0 does). Three VMs send realistic traffic; one
 //! compromised VM floods, claims to be other VMs, and sends garbage. The demo shows a live
-//! tail of the honest VMs, then the VM table with the flooder held to its own quota.
+//! tail of the honest VMs, then the VM table with the flooder held to its own quota, and
+//! writes a redacted support bundle of it all to the current directory.
 //! Every child dies with the demo (PR_SET_PDEATHSIG), and the state directory is removed
 //! at the end unless `--keep`.
 
@@ -158,6 +159,28 @@ fn demo(bin: &Path, dir: &Path, opts: &DemoOptions) -> anyhow::Result<ExitCode> 
     );
     println!("garbage connections rejected (REJECTED), while the honest VMs lost nothing.");
     println!("Its events are stored under its own name whatever they claim (see the [claims ...] marks).");
+    // A redacted support bundle of what was just collected, as an operator would make one
+    // for support staff: it stays in the current directory.
+    let bundle = std::env::current_dir()?.join(format!("qlog-demo-{}.tar.zst", std::process::id()));
+    println!("\n── qlog export -o {} ──", bundle.display());
+    let qlog = std::env::current_exe().context("cannot find the qlog binary's own path")?;
+    let status = Command::new(&qlog)
+        .arg("--socket")
+        .arg(&query)
+        .arg("export")
+        .arg("-o")
+        .arg(&bundle)
+        .status()?;
+    if status.success() {
+        let _ = Command::new(&qlog).args(["bundle", "inspect"]).arg(&bundle).status();
+        println!("\nredacted support bundle written to {}", bundle.display());
+        println!(
+            "(addresses, onion services, names, keys and VM names are replaced by keyed tokens;"
+        );
+        println!(" check it with: qlog bundle verify {})", bundle.display());
+    } else {
+        println!("the export failed ({status}); nothing was written");
+    }
     println!(
         "\nTry it yourself: run with --keep, then QLOG_QUERY_SOCKET={} qlog tail",
         query.display()

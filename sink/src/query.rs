@@ -280,7 +280,9 @@ impl Iterator for VmCursor<'_> {
                 continue;
             }
             self.raw = match self.store.read_raw(self.vm, &info) {
-                Ok(raw) => raw,
+                Ok(Some(raw)) => raw,
+                // Trimmed by quota or retention since the scan listed it.
+                Ok(None) => continue,
                 Err(e) => return Some(Err(e)),
             };
             self.spans.clear();

@@ -307,10 +307,23 @@ impl Store {
 
     /// Reads one batch and returns its records still encoded, back to back, each already
     /// checked to be whole (see [`qlog_rpc::query::RecordView`]).
-    pub fn read_raw(&self, vm: &str, info: &BatchInfo) -> Result<Vec<u8>, StoreError> {
-        let raw = inflate(&info.key, &self.read_value(vm, info)?)?;
+    ///
+    /// `Ok(None)` if the batch's segment file is gone: quota or retention removed it
+    /// after the caller read its index entry, which a query scanning while the committer
+    /// trims must take as "no longer stored", not as damage.
+    pub fn read_raw(&self, vm: &str, info: &BatchInfo) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = match self.read_value(vm, info) {
+            Ok(value) => value,
+            Err(StoreError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let raw = inflate(&info.key, &value)?;
         match qlog_rpc::query::RecordView::parse_all(&raw) {
-            Ok(views) if views.len() == info.count as usize => Ok(raw),
+            Ok(views) if views.len() == info.count as usize => Ok(Some(raw)),
             Ok(views) => Err(StoreError::Corrupt {
                 key: hex(&info.key),
                 reason: format!("index says {} records, found {}", info.count, views.len()),
@@ -765,8 +778,11 @@ mod tests {
             commit_batches(&mut w, vec![("a".into(), id, vec![record("a", id * 10, id)])], vec![]);
         }
         commit_batches(&mut w, vec![("b".into(), 5, vec![record("b", 1, 1)])], vec![]);
-        let old: Vec<Vec<u8>> = store.batches("a").take(2).map(|b| b.unwrap().key).collect();
+        let listed: Vec<BatchInfo> = store.batches("a").take(2).map(|b| b.unwrap()).collect();
+        let old: Vec<Vec<u8>> = listed.iter().map(|b| b.key.clone()).collect();
         commit_batches(&mut w, vec![], old);
+        // A query that listed the batch before it was trimmed finds it gone, not damaged.
+        assert!(store.read_raw("a", &listed[0]).unwrap().is_none());
         assert_eq!(seqs(&store, "a", None, None, false), vec![3, 4]);
         let files = std::fs::read_dir(dir.path().join("segments/a")).unwrap().count();
         assert_eq!(files, 2, "the two oldest segment files of a are gone");

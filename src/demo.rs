@@ -181,10 +181,11 @@ fn demo(bin: &Path, dir: &Path, opts: &DemoOptions) -> anyhow::Result<ExitCode> 
     } else {
         println!("the export failed ({status}); nothing was written");
     }
-    println!(
-        "\nTry it yourself: run with --keep, then QLOG_QUERY_SOCKET={} qlog tail",
-        query.display()
-    );
+    if opts.keep {
+        println!("\nTry it yourself: QLOG_QUERY_SOCKET={} qlog tail", query.display());
+    } else {
+        println!("\nTo look around yourself, run the demo with --keep.");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

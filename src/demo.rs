@@ -150,6 +150,15 @@ fn demo(bin: &Path, dir: &Path, opts: &DemoOptions) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::SUCCESS);
     }
 
+    // The containment shown next is the quota at work: wait until it has acted.
+    let trimmed = flooder_trimmed(&query, Duration::from_secs(60))?;
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        println!("\ninterrupted: stopping everything");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !trimmed {
+        println!("\n({FLOODER} has not reached its quota yet on this machine)");
+    }
     println!("\n── what {FLOODER} claimed (qlog query {FLOODER} -n 3) ──");
     show(&query, &[FLOODER], 3)?;
     println!("\n── qlog vms ──");
@@ -187,6 +196,19 @@ fn demo(bin: &Path, dir: &Path, opts: &DemoOptions) -> anyhow::Result<ExitCode> 
         println!("\nTo look around yourself, run the demo with --keep.");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// True once the flooder has lost events to its quota, false if `limit` passes first.
+fn flooder_trimmed(query: &Path, limit: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline && !INTERRUPTED.load(Ordering::Relaxed) {
+        let vms = Client::vms(query)?;
+        if vms.vms.iter().any(|v| v.vm == FLOODER && v.events_dropped_quota > 0) {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(false)
 }
 
 fn spawn_agent(bin: &Path, rpc_dir: &Path, vm: &str, stream: &str) -> anyhow::Result<Child> {

@@ -59,6 +59,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a redacted support bundle: events, VM table, report, manifest (.tar.zst).
+    ///
+    /// Only allowlisted fields leave, and every value in them (VM names included) is
+    /// redacted: addresses, host names, user names, IDs and secrets become tokens, the
+    /// same value the same token throughout the bundle. Use --dry-run to see what would
+    /// be replaced. Set SOURCE_DATE_EPOCH (or --created-at) and --key-file for a
+    /// byte-identical bundle from the same store.
+    Export(crate::bundle::ExportArgs),
+    /// Check or summarise a support bundle written by qlog export.
+    Bundle {
+        #[command(subcommand)]
+        command: crate::bundle::BundleCommand,
+    },
     /// See qlog work on this machine: qlogd, four simulated VMs (one hostile), live tail.
     ///
     /// Needs no Qubes and no root. Build everything first: cargo build --release --workspace
@@ -106,10 +119,10 @@ pub struct Selection {
     #[arg(long)]
     pub case_sensitive: bool,
     /// Received at or after: "2026-12-03 10:00", "today", "yesterday", "-1h", ...
-    #[arg(short = 'S', long)]
+    #[arg(short = 'S', long, allow_hyphen_values = true)]
     pub since: Option<String>,
     /// Received at or before, in the same syntax as --since.
-    #[arg(short = 'U', long)]
+    #[arg(short = 'U', long, allow_hyphen_values = true)]
     pub until: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Short)]
@@ -128,6 +141,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events(&cli.socket, &select, lines, reverse, false)
         }
         Command::Vms { json } => vms::show(&cli.socket, json),
+        Command::Export(args) => crate::bundle::export(&cli.socket, &args),
+        Command::Bundle { command } => crate::bundle::bundle(&command),
         Command::Demo { keep, seconds, journal } => {
             crate::demo::run(crate::demo::DemoOptions { keep, seconds, journal })
         }

@@ -1,5 +1,6 @@
 //! `qlog`: the operator's tool in the log qube. Parses the command line and dispatches.
 
+mod bundle;
 mod cli;
 mod client;
 mod demo;

@@ -121,6 +121,11 @@ const KNOWN_SCHEMES: &[&str] = &[
 /// Top-level domains beyond the two-letter country codes, which are all accepted. A
 /// dotted name whose last label is neither is not a host name (`tor.service`,
 /// `sqlalchemy.exc.OperationalError`). Sorted for binary search.
+///
+/// FIXME: this is the common part of IANA's list, not all of it, so a host under an
+/// unlisted generic domain (`.berlin`) passes unless a keyword or pattern catches it;
+/// take the whole list in, with a test that keeps `tor.service` out, once a bundle shows
+/// one slipping through.
 const TLDS: &[&str] = &[
     "academy",
     "agency",

@@ -97,9 +97,9 @@ pub enum Command {
     Man,
 }
 
-/// Which events, and how to print them: journalctl's options.
-#[derive(Debug, Args)]
-pub struct Selection {
+/// Which events: journalctl's filters, shared by every command that selects events.
+#[derive(Debug, Clone, Args)]
+pub struct Filters {
     /// VM names, and FIELD=VALUE matches (same field twice is OR, different fields AND).
     #[arg(value_name = "VM|FIELD=VALUE")]
     pub terms: Vec<String>,
@@ -124,6 +124,13 @@ pub struct Selection {
     /// Received at or before, in the same syntax as --since.
     #[arg(short = 'U', long, allow_hyphen_values = true)]
     pub until: Option<String>,
+}
+
+/// Which events, and how to print them.
+#[derive(Debug, Args)]
+pub struct Selection {
+    #[command(flatten)]
+    pub filters: Filters,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Short)]
     pub output: Format,
@@ -203,7 +210,7 @@ fn split_terms(terms: &[String]) -> (Vec<String>, Vec<(String, String)>) {
 }
 
 pub fn build_query(
-    select: &Selection,
+    select: &Filters,
     limit: Option<u64>,
     reverse: bool,
     follow: bool,
@@ -241,7 +248,7 @@ fn events(
     reverse: bool,
     follow: bool,
 ) -> anyhow::Result<ExitCode> {
-    let query = build_query(select, limit, reverse, follow)?;
+    let query = build_query(&select.filters, limit, reverse, follow)?;
     let color = !select.no_color
         && std::env::var_os("NO_COLOR").is_none()
         && std::io::stdout().is_terminal();

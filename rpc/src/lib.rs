@@ -13,6 +13,7 @@ pub mod descriptor;
 pub mod event;
 pub mod fields;
 pub mod frame;
+pub mod glob;
 pub mod limits;
 pub mod message;
 pub mod query;

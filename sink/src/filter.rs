@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use qlog_rpc::fields;
+use qlog_rpc::glob::glob_match;
 use qlog_rpc::query::{Filter, RecordView, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
 use regex::bytes::{Regex, RegexBuilder};
 
@@ -168,28 +169,6 @@ impl UnitPattern {
             UnitPattern::Glob(g) => glob_match(g.as_bytes(), value),
         }
     }
-}
-
-/// `*` and `?` globbing, iterative so a hostile pattern cannot recurse deeply.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]

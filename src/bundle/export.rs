@@ -30,7 +30,7 @@ use super::redact::{Redactor, Rule};
 use super::report::{ReportContext, ReportData};
 use super::rules::{Profile, RESERVED_PREFIXES};
 use super::ExportArgs;
-use crate::cli::{build_query, Selection};
+use crate::cli::build_query;
 use crate::client::{self, Client, Reply};
 use crate::output::{Format, Printer};
 use crate::{timespec, vms};
@@ -318,19 +318,7 @@ pub fn run(socket: &Path, args: &ExportArgs) -> anyhow::Result<ExitCode> {
             "VM names and secrets included; share it as you would this log qube"
         ));
     }
-    let selection = Selection {
-        terms: args.terms.clone(),
-        priority: args.priority.clone(),
-        units: args.units.clone(),
-        identifiers: args.identifiers.clone(),
-        grep: args.grep.clone(),
-        case_sensitive: args.case_sensitive,
-        since: args.since.clone(),
-        until: args.until.clone(),
-        output: Format::Json,
-        no_color: true,
-    };
-    let query = build_query(&selection, None, false, false)?;
+    let query = build_query(&args.filters, None, false, false)?;
 
     remove_unpublished_on_signal()?;
     let output = if args.dry_run { None } else { args.output.clone() };

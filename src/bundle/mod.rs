@@ -62,30 +62,9 @@ use clap::{Args, Subcommand};
 /// `qlog export`: which events, where to, and how to redact them.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// VM names, and FIELD=VALUE matches, as for qlog query. No VM means every VM.
-    #[arg(value_name = "VM|FIELD=VALUE")]
-    pub terms: Vec<String>,
-    /// Priority: a name or number (err means err and worse) or a range warning..err.
-    #[arg(short = 'p', long)]
-    pub priority: Option<String>,
-    /// Only this systemd unit (".service" is implied; globs allowed). Repeatable.
-    #[arg(short = 'u', long = "unit")]
-    pub units: Vec<String>,
-    /// Only this SYSLOG_IDENTIFIER. Repeatable.
-    #[arg(short = 't', long = "identifier")]
-    pub identifiers: Vec<String>,
-    /// Regular expression on MESSAGE; case-insensitive if it has no upper-case letter.
-    #[arg(short = 'g', long)]
-    pub grep: Option<String>,
-    /// Make --grep case-sensitive even for an all-lower-case pattern.
-    #[arg(long)]
-    pub case_sensitive: bool,
-    /// Received at or after: "2026-12-03 10:00", "today", "yesterday", "-1h", ...
-    #[arg(short = 'S', long)]
-    pub since: Option<String>,
-    /// Received at or before, in the same syntax as --since.
-    #[arg(short = 'U', long)]
-    pub until: Option<String>,
+    /// Which events, as for qlog query. No VM means every VM.
+    #[command(flatten)]
+    pub filters: crate::cli::Filters,
     /// The bundle to write (a .tar.zst; age-encrypted with --encrypt-to).
     #[arg(short = 'o', long = "output", value_name = "FILE", required_unless_present = "dry_run")]
     pub output: Option<PathBuf>,

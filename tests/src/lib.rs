@@ -72,3 +72,24 @@ pub fn bin_path(name: &str) -> PathBuf {
     );
     path
 }
+
+/// `YYYY-MM-DD HH:MM:SS.ffffff` in UTC, a form journalctl and qlog both accept as a time.
+pub fn utc_timestamp(usec: u64) -> String {
+    chrono::DateTime::from_timestamp_micros(usec as i64)
+        .expect("test times are within chrono's range")
+        .format("%Y-%m-%d %H:%M:%S%.6f")
+        .to_string()
+}
+
+/// The processor and core count, printed beside every benchmark figure.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("model name"))?;
+            Some(line.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}

@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use qlog_rpc::Event;
 use qlog_tests::process::{kill_and_reap, wait_timeout};
+use qlog_tests::utc_timestamp;
 use qlog_tests::workload::{write_export, Workload};
 use qlog_tests::{bin_path, ingest_events, RunningSink, SinkOptions, IO_TIMEOUT};
 use serde_json::Value;
@@ -397,25 +398,6 @@ fn an_unknown_vm_is_an_error_that_suggests_the_nearest_known_name() {
 fn now_usec() -> u64 {
     let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970");
     u64::try_from(since_epoch.as_micros()).expect("fits until the year 586,912")
-}
-
-/// `YYYY-MM-DD HH:MM:SS.ffffff` in UTC, a form journalctl and qlog both accept.
-fn utc_timestamp(usec: u64) -> String {
-    let secs = usec / 1_000_000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Days to the civil calendar (proleptic Gregorian), after Howard Hinnant.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s, us) = (rem / 3600, rem / 60 % 60, rem % 60, usec % 1_000_000);
-    format!("{year}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{us:06}")
 }
 
 #[test]

@@ -24,6 +24,7 @@ use qlog_rpc::event::encode_event_payload;
 use qlog_rpc::frame::{encode, FrameDecoder, FrameType};
 use qlog_rpc::message::{decode_json, encode_json, encode_u64};
 use qlog_rpc::{Hello, Limits, Welcome};
+use qlog_tests::machine;
 use qlog_tests::workload::{write_export, Workload};
 
 const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
@@ -447,19 +448,6 @@ fn tempdir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 // ---- qlog-bench query ------------------------------------------------------------------
 
 /// VMs in the query benchmark's store.
@@ -541,16 +529,16 @@ fn query(opts: &Options) -> anyhow::Result<()> {
     };
     let window_journal = |fraction: f64| {
         let span = (last_realtime - first_realtime) as f64;
-        utc_timestamp(first_realtime + (span * fraction) as u64)
+        utc_timestamp_utc(first_realtime + (span * fraction) as u64)
     };
     let cases = query_cases(
         &names[3],
         // The last hour, as each system's clock counts it: qlog's receive times, the
         // VMs' own timestamps for journalctl (whose `-1h` would mean something else).
-        utc_timestamp(last_realtime.saturating_sub(3_600_000_000)),
+        utc_timestamp_utc(last_realtime.saturating_sub(3_600_000_000)),
         (
-            utc_timestamp(marks[WINDOW_ROUND as usize - 1] + 1),
-            utc_timestamp(marks[WINDOW_ROUND as usize]),
+            utc_timestamp_utc(marks[WINDOW_ROUND as usize - 1] + 1),
+            utc_timestamp_utc(marks[WINDOW_ROUND as usize]),
         ),
         (
             window_journal(WINDOW_ROUND as f64 / ROUNDS as f64),
@@ -905,21 +893,7 @@ fn now_usec() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// `YYYY-MM-DD HH:MM:SS.ffffff UTC`, which journalctl and qlog both read.
-fn utc_timestamp(usec: u64) -> String {
-    let secs = usec / 1_000_000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Days to the civil calendar (proleptic Gregorian), after Howard Hinnant.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s, us) = (rem / 3600, rem / 60 % 60, rem % 60, usec % 1_000_000);
-    format!("{year}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{us:06} UTC")
+/// The shared UTC timestamp with the zone spelled out.
+fn utc_timestamp_utc(usec: u64) -> String {
+    format!("{} UTC", qlog_tests::utc_timestamp(usec))
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use qlog_tests::agent::{AgentOptions, RunningAgent};
 use qlog_tests::journal::JournalNamespace;
+use qlog_tests::machine;
 use qlog_tests::sink::{RunningSink, SinkOptions};
 
 fn main() -> anyhow::Result<()> {
@@ -311,17 +312,4 @@ fn latency(seconds: u64, rate: u64, out: &Path) -> anyhow::Result<()> {
     });
     std::fs::write(out.join("latency.json"), serde_json::to_vec_pretty(&doc)?)?;
     Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
 }

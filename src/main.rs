@@ -1,17 +1,10 @@
-//! `qlog`: the operator's tool in the log qube. Parses the command line and dispatches.
-
-mod bundle;
-mod cli;
-mod client;
-mod demo;
-mod escape;
-mod output;
-mod timespec;
-mod vms;
+//! `qlog`: the operator's tool in the log qube. Parses the command line and dispatches;
+//! the modules live in the library (lib.rs).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use qlog::cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

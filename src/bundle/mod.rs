@@ -48,10 +48,13 @@ mod cleanup;
 mod detectors;
 mod export;
 mod manifest;
-mod pseudonym;
-mod redact;
+#[doc(hidden)]
+pub mod pseudonym;
+#[doc(hidden)]
+pub mod redact;
 mod report;
-mod rules;
+#[doc(hidden)]
+pub mod rules;
 mod verify;
 
 use std::path::{Path, PathBuf};

@@ -53,12 +53,18 @@ pub enum Command {
         #[command(flatten)]
         select: Selection,
     },
-    /// One row per known VM: what is stored, quota use, drops, streams, connection.
+    /// One row per known VM: health and why, what is stored, quota use, drops, streams.
     Vms {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Rates and gauges over time, per VM, as terminal charts (from qlogd's rollups).
+    Stats(crate::stats::StatsArgs),
+    /// A live view of every VM, busiest first, with its health; q quits.
+    Top(crate::top::TopArgs),
+    /// Current per-VM values in OpenMetrics text format, for a textfile collector.
+    Metrics,
     /// Write a redacted support bundle: events, VM table, report, manifest (.tar.zst).
     ///
     /// Only allowlisted fields leave, and every value in them (VM names included) is
@@ -72,6 +78,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::bundle::BundleCommand,
     },
+    /// Check every VM's hash chain over its stored batches; exits 1 naming the first
+    /// broken link of each VM whose chain is broken.
+    ///
+    /// qlogd recomputes each batch's content hash and link from the VM's anchor (where
+    /// quota and retention last trimmed it) to its head, so a batch changed, removed,
+    /// reordered or added behind qlogd's back shows. Reads every stored byte: it takes a
+    /// while on a big store, and ingest goes on meanwhile.
+    Verify(crate::verify::VerifyArgs),
     /// See qlog work on this machine: qlogd, four simulated VMs (one hostile), live tail.
     ///
     /// Needs no Qubes and no root. Build everything first: cargo build --release --workspace
@@ -148,8 +162,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             events(&cli.socket, &select, lines, reverse, false)
         }
         Command::Vms { json } => vms::show(&cli.socket, json),
+        Command::Stats(args) => crate::stats::show(&cli.socket, &args),
+        Command::Top(args) => crate::top::run(&cli.socket, &args),
+        Command::Metrics => crate::metrics::show(&cli.socket),
         Command::Export(args) => crate::bundle::export(&cli.socket, &args),
         Command::Bundle { command } => crate::bundle::bundle(&command),
+        Command::Verify(args) => crate::verify::run(&cli.socket, &args),
         Command::Demo { keep, seconds, journal } => {
             crate::demo::run(crate::demo::DemoOptions { keep, seconds, journal })
         }

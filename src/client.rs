@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use qlog_rpc::frame::{encode_to_vec, Frame, FrameDecoder, FrameType};
 use qlog_rpc::message::decode_json;
-use qlog_rpc::query::{Record, Request, VmsReply};
+use qlog_rpc::query::{Record, Request, StatsQuery, StatsReply, VmsReply};
 use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
 
 pub struct Client {
@@ -110,6 +110,39 @@ impl Client {
             None => bail!("qlogd closed the connection without a reply"),
         }
     }
+
+    /// Every VM's rollups for a stats request, one reply per VM.
+    pub fn stats(path: &Path, query: StatsQuery) -> anyhow::Result<Vec<StatsReply>> {
+        let mut client = Client::connect(path)?;
+        client.send(&Request::Stats(query))?;
+        let mut replies = Vec::new();
+        loop {
+            match client.next_frame()? {
+                Some(f) if f.ty == FrameType::Reply => replies.push(decode_json(f.ty, &f.payload)?),
+                Some(f) if f.ty == FrameType::Done => return Ok(replies),
+                Some(f) if f.ty == FrameType::Error => return Err(sink_error(&f)),
+                Some(f) => bail!("qlogd sent an unexpected {:?} frame", f.ty),
+                None => bail!("qlogd closed the connection before the stats were complete"),
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Has qlogd check (or, with `heads_only`, just report) VMs' hash chains.
+    pub fn verify(
+        path: &Path,
+        query: &qlog_rpc::query::VerifyQuery,
+    ) -> anyhow::Result<qlog_rpc::query::VerifyReply> {
+        let mut client = Client::connect(path)?;
+        client.send(&Request::Verify(query.clone()))?;
+        match client.next_frame()? {
+            Some(f) if f.ty == FrameType::Reply => Ok(decode_json(f.ty, &f.payload)?),
+            Some(f) if f.ty == FrameType::Error => Err(sink_error(&f)),
+            Some(f) => bail!("qlogd sent an unexpected {:?} frame", f.ty),
+            None => bail!("qlogd closed the connection before verifying (was it stopped?)"),
+        }
+    }
 }
 
 fn sink_error(frame: &Frame) -> anyhow::Error {
@@ -131,25 +164,32 @@ fn connect_error(path: &Path, e: std::io::Error) -> anyhow::Error {
             "cannot reach qlogd at {} (is qlogd running? set QLOG_QUERY_SOCKET or --socket to its query socket)",
             path.display()
         ),
-        PermissionDenied => {
-            let group = socket_group(path).unwrap_or_else(|| "the socket's group".into());
-            anyhow!(
+        PermissionDenied => match socket_group(path) {
+            Some(group) => anyhow!(
                 "permission denied on {}: only members of group {group} may query (add yourself with `sudo adduser $USER {group}` and log in again)",
                 path.display()
-            )
-        }
+            ),
+            // The socket cannot even be looked at: a directory on the way is closed.
+            None => anyhow!(
+                "permission denied on {}: a directory on the way to it is closed to you (ask the log qube's administrator, who can check with `ls -ld` on each directory)",
+                path.display()
+            ),
+        },
         _ => anyhow!("cannot connect to qlogd at {}: {e}", path.display()),
     }
 }
 
+/// The name of the socket's group, or `gid N` if it has none; `None` if the socket
+/// cannot be looked at.
 fn socket_group(path: &Path) -> Option<String> {
     let gid = std::fs::metadata(path).ok()?.gid();
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|line| {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let name = groups.lines().find_map(|line| {
         let mut parts = line.split(':');
         let name = parts.next()?;
         (parts.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_owned())
-    })
+    });
+    Some(name.unwrap_or_else(|| format!("gid {gid}")))
 }
 
 /// The query socket from `--socket` or `QLOG_QUERY_SOCKET`, else the production path.

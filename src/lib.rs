@@ -8,6 +8,11 @@ pub mod cli;
 mod client;
 mod demo;
 mod escape;
-mod output;
+mod metrics;
+#[doc(hidden)]
+pub mod output;
+mod stats;
 mod timespec;
+mod top;
+mod verify;
 mod vms;

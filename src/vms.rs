@@ -7,6 +7,7 @@ use anyhow::anyhow;
 use qlog_rpc::query::VmInfo;
 
 use crate::client::Client;
+use crate::escape::escape_line;
 use crate::output::{format_time, Format};
 
 pub fn show(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -20,19 +21,24 @@ pub fn show(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<31} {:<10} {:<15} {:<15} {:>10} {:>9} {:>6} {:>9} {:>8}  STREAMS",
+        "{:<31} {:<10} {:<4} {:<15} {:<15} {:>10} {:>9} {:>6} {:>9} {:>9} {:>8}  STREAMS",
         "VM",
-        "STATE",
+        "HEALTH",
+        "CONN",
         "FIRST SEEN",
         "LAST SEEN",
         "EVENTS",
         "STORED",
         "QUOTA",
+        "REFUSED",
         "DROPPED",
         "REJECTED"
     );
     for vm in &reply.vms {
         println!("{}", row(vm));
+        for reason in &vm.health.reasons {
+            println!("    {}: {}", vm.health.state.as_str(), escape_line(reason.as_bytes()));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -49,20 +55,17 @@ fn row(vm: &VmInfo) -> String {
         .map(|s| format!("{}{}", s.name, if s.connected { "*" } else { "" }))
         .collect();
     format!(
-        "{:<31} {:<10} {:<15} {:<15} {:>10} {:>9} {:>5.1}% {:>9} {:>8}  {}",
-        vm.vm,
-        if vm.connected {
-            "connected"
-        } else if vm.first_seen_usec == 0 {
-            "never seen"
-        } else {
-            "-"
-        },
+        "{:<31} {:<10} {:<4} {:<15} {:<15} {:>10} {:>9} {:>5.1}% {:>9} {:>9} {:>8}  {}",
+        escape_line(vm.vm.as_bytes()),
+        vm.health.state.as_str(),
+        if vm.connected { "yes" } else { "no" },
         seen(vm.first_seen_usec),
         seen(vm.last_seen_usec),
         vm.events_stored,
         human_bytes(vm.bytes_stored),
         quota,
+        // Refused by the rate limit: never stored, unlike DROPPED (removed later).
+        vm.events_refused_rate,
         vm.events_dropped_quota + vm.events_expired,
         vm.frames_rejected,
         streams.join(",")

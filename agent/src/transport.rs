@@ -167,6 +167,7 @@ pub fn hello_frame(stream: &str, heartbeat_interval: Duration) -> Vec<u8> {
         heartbeat_interval_secs: Some(
             u32::try_from(heartbeat_interval.as_secs()).unwrap_or(u32::MAX),
         ),
+        telemetry_interval_secs: None,
     };
     encode_json(FrameType::Hello, &hello)
 }

@@ -184,6 +184,8 @@ pub struct EventScan {
     pub cursor: Option<std::ops::Range<usize>>,
     /// Where the field block starts within the payload.
     pub fields_start: usize,
+    /// The first `PRIORITY` value, if it is a single digit 0 to 7.
+    pub priority: Option<u8>,
 }
 
 /// Validates an ingest `Event` payload exactly as [`decode_event_payload`] would, but
@@ -198,6 +200,8 @@ pub fn scan_event_payload(payload: &[u8], limits: &Limits) -> Result<EventScan, 
     }
     let mut has_trusted = false;
     let mut cursor = None;
+    let mut priority = None;
+    let mut priority_seen = false;
     for _ in 0..count {
         let name_len = r.u8()? as usize;
         let name = r.bytes(name_len)?;
@@ -217,11 +221,23 @@ pub fn scan_event_payload(payload: &[u8], limits: &Limits) -> Result<EventScan, 
         if cursor.is_none() && name == crate::fields::CURSOR.as_bytes() {
             cursor = Some(start..r.pos);
         }
+        if !priority_seen && name == crate::fields::PRIORITY.as_bytes() {
+            priority_seen = true;
+            priority = priority_digit(&r.buf[start..r.pos]);
+        }
     }
     if r.remaining() != 0 {
         return Err(EventError::TrailingBytes { extra: r.remaining() });
     }
-    Ok(EventScan { seq, has_trusted, cursor, fields_start })
+    Ok(EventScan { seq, has_trusted, cursor, fields_start, priority })
+}
+
+/// A `PRIORITY` value as journald writes it: one digit, 0 (emerg) to 7 (debug).
+pub fn priority_digit(value: &[u8]) -> Option<u8> {
+    match value {
+        [d @ b'0'..=b'7'] => Some(d - b'0'),
+        _ => None,
+    }
 }
 
 /// A bounds-checked cursor over a byte slice, used by every binary decoder here.

@@ -20,6 +20,10 @@ pub const QLOG_SEQ: &str = "_QLOG_SEQ";
 pub const QLOG_GAP: &str = "_QLOG_GAP";
 /// Set on gap records: how many events are missing, where that is known.
 pub const QLOG_GAP_COUNT: &str = "_QLOG_GAP_COUNT";
+/// Set on qlogd's health events: the state a VM entered (`silent`, `ok`, `never-seen`).
+pub const QLOG_HEALTH: &str = "_QLOG_HEALTH";
+/// Set on qlogd's health events: the VM the event is about.
+pub const QLOG_HEALTH_VM: &str = "_QLOG_HEALTH_VM";
 
 pub const MESSAGE: &str = "MESSAGE";
 pub const PRIORITY: &str = "PRIORITY";

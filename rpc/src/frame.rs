@@ -32,6 +32,8 @@ pub enum FrameType {
     Gap = 0x07,
     /// Agent to sink: JSON [`crate::Heartbeat`].
     Heartbeat = 0x08,
+    /// Agent to sink: JSON [`crate::telemetry::Sample`].
+    Telemetry = 0x09,
     /// CLI to sink: JSON [`crate::query::Request`].
     Query = 0x20,
     /// Sink to CLI: one binary [`crate::query::Record`].
@@ -56,6 +58,7 @@ impl FrameType {
             0x06 => Error,
             0x07 => Gap,
             0x08 => Heartbeat,
+            0x09 => Telemetry,
             0x20 => Query,
             0x21 => Record,
             0x22 => Lagged,

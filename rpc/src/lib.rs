@@ -3,7 +3,7 @@
 //! Owns every type that crosses a process boundary: the qrexec service descriptor
 //! ([`descriptor`]), the length-prefixed frame layer ([`frame`]), journald-style events
 //! ([`event`]), the ingest handshake and control messages ([`message`]), the local query
-//! plane ([`query`]) and the hard limits that bound all of them ([`limits`]).
+//! plane ([`query`]), telemetry samples and rollups ([`telemetry`]) and the hard limits that bound all of them ([`limits`]).
 //!
 //! Nothing here does IO or depends on an async runtime: callers feed bytes in and take
 //! frames out, so the same code serves the blocking agent, the tokio sink and the fuzzers.
@@ -17,6 +17,7 @@ pub mod glob;
 pub mod limits;
 pub mod message;
 pub mod query;
+pub mod telemetry;
 
 pub use event::{Event, Field, FieldNameError};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameType};

@@ -48,6 +48,9 @@ pub struct Hello {
     /// Seconds between heartbeats the agent promises; the sink judges silence by it.
     #[serde(default)]
     pub heartbeat_interval_secs: Option<u32>,
+    /// Seconds between telemetry samples the agent promises; `None` sends none.
+    #[serde(default)]
+    pub telemetry_interval_secs: Option<u32>,
 }
 
 /// The sink's answer to a valid hello.
@@ -216,6 +219,7 @@ mod tests {
             stream: "journal".into(),
             limits: None,
             heartbeat_interval_secs: Some(30),
+            telemetry_interval_secs: None,
         };
         let wire = encode_json(FrameType::Hello, &hello);
         let mut dec = FrameDecoder::new(Limits::DEFAULT);

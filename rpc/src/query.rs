@@ -24,6 +24,12 @@ pub enum Request {
     Events(EventsQuery),
     /// One row per known VM.
     Vms,
+    /// Per-VM rollups over a time range, merged into buckets: one `Reply` frame holding a
+    /// [`StatsReply`] per VM, then `Done`.
+    Stats(StatsQuery),
+    /// Each VM's hash chain over its stored batches, walked and recomputed (or, with
+    /// `heads_only`, just its recorded head): one `Reply` frame holding a [`VerifyReply`].
+    Verify(VerifyQuery),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +48,22 @@ pub struct EventsQuery {
     /// Keep the connection open and send new matches as they are committed.
     #[serde(default)]
     pub follow: bool,
+}
+
+/// Which rollups a [`Request::Stats`] wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsQuery {
+    /// Source VMs to include; empty means every VM, the log qube's own name included.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Receive time range in microseconds since the epoch, `until` exclusive.
+    pub since_usec: u64,
+    pub until_usec: u64,
+    /// Width of one bucket; minutes are merged into buckets of this many. At least 1.
+    pub bucket_minutes: u32,
+    /// Gauges to include; empty means all of them. Counters are always included.
+    #[serde(default)]
+    pub gauges: Vec<String>,
 }
 
 /// journalctl's filter semantics: every set criterion must hold (AND); within one
@@ -297,6 +319,14 @@ pub struct Lagged {
     pub missed: u64,
 }
 
+/// One VM's part of the reply to [`Request::Stats`]: buckets with data, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub vm: String,
+    /// (bucket start in microseconds since the epoch, what the bucket holds).
+    pub buckets: Vec<(u64, crate::telemetry::Rollup)>,
+}
+
 /// The reply to [`Request::Vms`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmsReply {
@@ -319,12 +349,68 @@ pub struct VmInfo {
     pub frames_rejected: u64,
     /// Fields renamed because they used the sink-only prefix.
     pub fields_quarantined: u64,
+    /// Events (and agent gap reports) refused because the VM sent faster than its rate
+    /// limit: never stored, acknowledged, and recorded as `rate` gap records.
+    #[serde(default)]
+    pub events_refused_rate: u64,
     pub streams: Vec<StreamInfo>,
     /// True if and only if at least one ingest connection from this VM is open now.
     pub connected: bool,
     /// True if and only if the sink's configuration lists this VM as one that should send.
     #[serde(default)]
     pub expected: bool,
+    /// How the sink judges this VM right now.
+    #[serde(default)]
+    pub health: Health,
+}
+
+/// A VM's health, most severe condition first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthState {
+    /// Expected, but no connection or event from it ever arrived.
+    NeverSeen,
+    /// Heard from before, but nothing (not even a heartbeat) for three promised intervals.
+    Silent,
+    /// Over its rate limit, or far above its own recent rate.
+    Flooding,
+    /// Its agent reports events waiting long for acknowledgement.
+    Lagging,
+    /// Gap records in the last hour: events were lost before they reached the store.
+    Gaps,
+    #[default]
+    Ok,
+    /// A state from a newer sink.
+    #[serde(other)]
+    Unknown,
+}
+
+impl HealthState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::NeverSeen => "never-seen",
+            HealthState::Silent => "silent",
+            HealthState::Flooding => "flooding",
+            HealthState::Lagging => "lagging",
+            HealthState::Gaps => "gaps",
+            HealthState::Ok => "ok",
+            HealthState::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub state: HealthState,
+    /// One sentence per condition found, most severe first; empty when ok.
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// When anything (event, heartbeat, telemetry, handshake) last arrived from the VM.
+    #[serde(default)]
+    pub last_heard_usec: u64,
+    /// The heartbeat interval the VM's agent promised (the sink's default if none).
+    #[serde(default)]
+    pub heartbeat_interval_secs: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +418,110 @@ pub struct StreamInfo {
     pub name: String,
     pub last_seq: u64,
     pub connected: bool,
+}
+
+/// Which chains a [`Request::Verify`] checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyQuery {
+    /// Source VMs to check; empty means every VM with a chain or stored batches.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Only report each chain's recorded head and anchor, without reading any batch.
+    #[serde(default)]
+    pub heads_only: bool,
+}
+
+/// The reply to [`Request::Verify`]: one entry per VM, sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReply {
+    pub vms: Vec<VmChain>,
+}
+
+/// One VM's hash chain as the sink found it. Hashes are 64 lower-case hex digits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmChain {
+    pub vm: String,
+    /// True if and only if the stored batches were walked (not `heads_only`).
+    pub walked: bool,
+    /// Stored batches whose content hash and link were recomputed and matched.
+    pub batches_checked: u64,
+    /// Stored batches written before the store had a chain; they are not checked.
+    pub unchained: u64,
+    /// Chain position of the oldest batch still stored: how many chained batches quota
+    /// and retention removed.
+    pub trimmed: u64,
+    /// Chain position the next batch will get: how many chained batches were ever stored.
+    pub length: u64,
+    /// Link of the newest batch (the anchor if none is stored).
+    pub head: String,
+    /// Link of the newest removed batch, where verification starts; zeros if none.
+    pub anchor: String,
+    /// How many breaks the walk found (it resumes after each one).
+    pub broken_links: u64,
+    /// The first break, oldest first; `None` if the chain is intact (or not walked).
+    pub first_break: Option<ChainBreak>,
+}
+
+/// Where and how a chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainBreak {
+    pub kind: BreakKind,
+    /// The batch at which the break shows, if there is one (not for a wrong head).
+    pub batch_id: Option<u64>,
+    /// The chain position verification expected there.
+    pub position: u64,
+    /// What differs, with the hashes or positions involved.
+    pub detail: String,
+}
+
+/// What a chain break is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BreakKind {
+    /// The batch's stored bytes do not hash to the content hash in its index entry.
+    ContentMismatch,
+    /// The link recomputed from the previous link and the entry differs from the
+    /// recorded one: the entry's metadata, or its predecessor, was changed.
+    LinkMismatch,
+    /// The entry's chain position is past the expected one: batches before it are gone.
+    MissingBatch,
+    /// The entry's chain position is before the expected one: batches were reordered or
+    /// one was copied.
+    OutOfOrder,
+    /// The segment file holding the batch is gone or shorter than the index says.
+    MissingBytes,
+    /// An index entry without a link where the chain had already started.
+    UnlinkedEntry,
+    /// An index entry that does not decode.
+    CorruptEntry,
+    /// A batch past the recorded head: added behind the sink's back.
+    BeyondHead,
+    /// The walk ended elsewhere than the recorded head: the newest batches are gone, or
+    /// the head was changed.
+    HeadMismatch,
+    /// Chained batches, but no chain state for the VM.
+    MissingChainState,
+    /// A kind from a newer sink.
+    #[serde(other)]
+    Unknown,
+}
+
+impl BreakKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakKind::ContentMismatch => "content-mismatch",
+            BreakKind::LinkMismatch => "link-mismatch",
+            BreakKind::MissingBatch => "missing-batch",
+            BreakKind::OutOfOrder => "out-of-order",
+            BreakKind::MissingBytes => "missing-bytes",
+            BreakKind::UnlinkedEntry => "unlinked-entry",
+            BreakKind::CorruptEntry => "corrupt-entry",
+            BreakKind::BeyondHead => "beyond-head",
+            BreakKind::HeadMismatch => "head-mismatch",
+            BreakKind::MissingChainState => "missing-chain-state",
+            BreakKind::Unknown => "unknown",
+        }
+    }
 }
 
 #[cfg(test)]

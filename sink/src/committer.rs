@@ -19,10 +19,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qlog_rpc::fields;
 use qlog_rpc::query::{Record, RecordKind};
+use qlog_rpc::telemetry::{ValidSample, NO_PRIORITY};
 use qlog_rpc::{Event, Gap, ResumePoint};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::health::{HealthBook, HealthSettings, Transition};
 use crate::log_events;
+use crate::rate_limit::{RateLimit, RateOverride};
+use crate::rollup::RollupBook;
 use crate::shared::{Shared, StreamKey};
 use crate::store::{CommitSet, Store, StoreWriter, StreamState, VmState};
 
@@ -48,6 +52,14 @@ pub enum Request {
     Rejected { vm: String },
     /// Time for age-based retention.
     RetentionTick,
+    /// A connection from `vm` finished its handshake, promising heartbeats this often.
+    Hello { vm: String, heartbeat_secs: Option<u32> },
+    /// `vm` sent a heartbeat.
+    Heartbeat { vm: String },
+    /// `vm` sent a telemetry sample, already validated by its connection.
+    Telemetry { vm: String, sample: ValidSample },
+    /// Once a second: judge every VM's health, sample qlogd's own metrics.
+    HealthTick,
 }
 
 /// Events and gaps from one connection. Event field blocks are kept as the bytes they
@@ -69,9 +81,24 @@ pub enum Item {
     Event {
         seq: u64,
         range: std::ops::Range<usize>,
+        /// The event's `PRIORITY`, if valid, for the rollups.
+        priority: Option<u8>,
     },
     Gap {
         gap: Gap,
+    },
+    /// Items the VM's rate limit refused at ingest (see `rate_limit.rs`), coalesced: they
+    /// are not stored, but their sequence numbers are accepted like stored ones, so the
+    /// resume point and the acks move past them and the agent does not resend them.
+    Refused {
+        first_seq: u64,
+        last_seq: u64,
+        /// How many items were refused between the two; the sender numbers without
+        /// holes, so normally `last_seq - first_seq + 1`.
+        count: u64,
+        /// When ingest refused the first and the last of them (µs since the epoch).
+        first_usec: u64,
+        last_usec: u64,
     },
 }
 
@@ -110,12 +137,22 @@ pub struct Settings {
     pub overrides: BTreeMap<String, VmLimits>,
     /// VMs that should be sending, listed by `qlog vms` even before they connect.
     pub expected_vms: Vec<String>,
+    /// The log qube's own name: qlogd's health events and metrics are stored under it.
+    pub sink_name: String,
+    /// How long per-minute rollups are kept. By default, 400 days.
+    pub rollup_retention: Duration,
+    /// Thresholds for the health states (see `health.rs`).
+    pub health: HealthSettings,
+    /// How fast each VM may send, unless overridden (see `rate_limit.rs`). By default,
+    /// [`RateLimit::default`].
+    pub rate_limit: RateLimit,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct VmLimits {
     pub quota_bytes: Option<u64>,
     pub retention: Option<Duration>,
+    pub rate: RateOverride,
 }
 
 impl Settings {
@@ -125,6 +162,10 @@ impl Settings {
 
     pub fn retention(&self, vm: &str) -> Duration {
         self.overrides.get(vm).and_then(|o| o.retention).unwrap_or(self.retention)
+    }
+
+    pub fn rate_limit(&self, vm: &str) -> RateLimit {
+        self.overrides.get(vm).map_or(self.rate_limit, |o| self.rate_limit.with(&o.rate))
     }
 
     /// Segment files are a sixteenth of the quota (between 64 KiB and 16 MiB): quotas
@@ -154,7 +195,21 @@ pub struct Committer {
     /// starts at the newest stored batch, so a clock stepped back across a restart does
     /// not break that either.
     last_stamp: u64,
+    rollups: RollupBook,
+    health: HealthBook,
+    own: OwnMetrics,
 }
+
+/// qlogd's own numbers between two samples, recorded under the sink's name.
+struct OwnMetrics {
+    last_sample: std::time::Instant,
+    events: u64,
+    commit_ms_max: f64,
+    ticks: u64,
+}
+
+/// qlogd samples its own metrics every this many health ticks (seconds).
+const OWN_METRICS_EVERY: u64 = 10;
 
 /// This cycle's work in progress.
 #[derive(Default)]
@@ -163,8 +218,20 @@ struct Cycle {
     touched_streams: Vec<StreamKey>,
     touched_vms: Vec<String>,
     deletes: Vec<Vec<u8>>,
+    aux_deletes: Vec<Vec<u8>>,
     count: usize,
     bytes: usize,
+    /// Refusals by the rate limit this cycle, per stream: one gap record each.
+    refused: BTreeMap<StreamKey, Refusals>,
+}
+
+/// One stream's rate-limit refusals within one cycle.
+struct Refusals {
+    first_seq: u64,
+    last_seq: u64,
+    count: u64,
+    first_usec: u64,
+    last_usec: u64,
 }
 
 impl Committer {
@@ -189,8 +256,31 @@ impl Committer {
             .filter_map(|vm| store.scan(vm, None, None, true).next()?.ok().map(|b| b.last_usec))
             .max()
             .unwrap_or(0);
+        let opened = std::time::Instant::now();
         let store = StoreWriter::open(store, settings.segment_bytes())?;
-        Ok(Committer { store, shared, settings, streams, vms, next_batch_id, last_stamp })
+        log_events::store_opened(store.repair(), opened.elapsed());
+        let mut health_settings = settings.health.clone();
+        health_settings.expected = settings.expected_vms.clone();
+        health_settings.sink_name = settings.sink_name.clone();
+        let health = HealthBook::new(health_settings, now_usec());
+        let own = OwnMetrics {
+            last_sample: std::time::Instant::now(),
+            events: 0,
+            commit_ms_max: 0.0,
+            ticks: 0,
+        };
+        Ok(Committer {
+            store,
+            shared,
+            settings,
+            streams,
+            vms,
+            next_batch_id,
+            last_stamp,
+            rollups: RollupBook::default(),
+            health,
+            own,
+        })
     }
 
     /// Runs until every sender is gone, committing what is queued before returning.
@@ -209,6 +299,7 @@ impl Committer {
                 retention_due = false;
                 self.expire(&mut cycle);
             }
+            self.record_refusals(&mut cycle);
             self.commit(cycle);
         }
         tracing::debug!("committer finished: all ingest connections are gone");
@@ -239,9 +330,124 @@ impl Committer {
             Request::Rejected { vm } => {
                 self.vm_state(&vm).frames_rejected += 1;
                 cycle.touch_vm(&vm);
+                self.rollups.at(self.store.store(), &vm, now_usec()).rejected_frames += 1;
             }
             Request::RetentionTick => *retention_due = true,
+            Request::Hello { vm, heartbeat_secs } => {
+                self.health.hello(&vm, heartbeat_secs, now_usec());
+            }
+            Request::Heartbeat { vm } => {
+                let now = now_usec();
+                self.health.heard(&vm, now);
+                self.rollups.at(self.store.store(), &vm, now).heartbeats += 1;
+            }
+            Request::Telemetry { vm, sample } => {
+                let now = now_usec();
+                self.health.heard(&vm, now);
+                if let Some((_, lag)) = sample.values.iter().find(|(n, _)| *n == "agent_lag_secs") {
+                    self.health.lag(&vm, *lag);
+                }
+                let rollup = self.rollups.at(self.store.store(), &vm, now);
+                rollup.telemetry_rejected += sample.rejected;
+                for (name, value) in &sample.values {
+                    rollup.observe(name, *value);
+                }
+            }
+            Request::HealthTick => self.health_tick(cycle),
         }
+    }
+
+    /// Judges every VM, stores the transitions as events in the sink's own stream, and
+    /// every [`OWN_METRICS_EVERY`] ticks samples qlogd's own metrics.
+    fn health_tick(&mut self, cycle: &mut Cycle) {
+        let now = now_usec();
+        let (health, transitions) = self.health.evaluate(now, &self.vms);
+        self.shared.set_health(health);
+        for t in transitions {
+            let (priority, state, vm, message) = match t {
+                Transition::Silent { vm, quiet_secs, interval_secs } => {
+                    log_events::vm_silent(&vm, quiet_secs, interval_secs);
+                    let message = format!(
+                        "{vm} went silent: nothing heard for {}, and its agent promised a heartbeat every {interval_secs} s",
+                        crate::health::human_secs(quiet_secs)
+                    );
+                    ("3", "silent", vm, message)
+                }
+                Transition::Back { vm, quiet_secs } => {
+                    log_events::vm_back(&vm, quiet_secs);
+                    let message = format!(
+                        "{vm} is talking again after {} of silence",
+                        crate::health::human_secs(quiet_secs)
+                    );
+                    ("5", "ok", vm, message)
+                }
+                Transition::NeverSeen { vm } => {
+                    log_events::vm_never_seen(&vm);
+                    let message = format!(
+                        "{vm} is expected to send logs but has never connected: check its qlog-agent service and the qrexec policy"
+                    );
+                    ("3", "never-seen", vm, message)
+                }
+            };
+            let mut event = Event::new();
+            event.push(fields::MESSAGE, message);
+            event.push(fields::PRIORITY, priority);
+            event.push(fields::SYSLOG_IDENTIFIER, "qlogd");
+            event.push(fields::QLOG_HEALTH, state);
+            event.push(fields::QLOG_HEALTH_VM, vm);
+            self.push_own(cycle, event);
+        }
+        self.own.ticks += 1;
+        if self.own.ticks % OWN_METRICS_EVERY == 0 {
+            self.sample_own(now);
+        }
+    }
+
+    /// Adds a record qlogd writes about itself, under the sink's own name.
+    fn push_own(&mut self, cycle: &mut Cycle, event: Event) {
+        let stamp = self.stamp();
+        let name = self.settings.sink_name.clone();
+        let priority = event.get(fields::PRIORITY).and_then(qlog_rpc::event::priority_digit);
+        let rollup = self.rollups.at(self.store.store(), &name, stamp);
+        let p = priority.map_or(NO_PRIORITY, usize::from);
+        rollup.events[p] += 1;
+        rollup.bytes[p] += event.payload_len() as u64;
+        self.health.count(&name, stamp, 1, 0, 0);
+        let record = sink_record(&name, SINK_STREAM, stamp, 0, RecordKind::Event, event);
+        cycle.bytes += record.event.payload_len() + 64;
+        cycle.records.entry(name.clone()).or_default().push_record(&record);
+        cycle.count += 1;
+        cycle.touch_vm(&name);
+        let st = self.vm_state(&name);
+        if st.first_seen_usec == 0 {
+            st.first_seen_usec = stamp;
+        }
+        st.last_seen_usec = stamp;
+    }
+
+    fn sample_own(&mut self, now: u64) {
+        let elapsed = self.own.last_sample.elapsed().as_secs_f64().max(1e-3);
+        let rate = self.own.events as f64 / elapsed;
+        let (connections, followers, lagging) = self.shared.own_counts();
+        let values = [
+            ("sink_ingest_events_per_sec", rate),
+            ("sink_commit_latency_ms", self.own.commit_ms_max),
+            ("sink_store_bytes", self.store.store().size_on_disk() as f64),
+            ("sink_connections", connections as f64),
+            ("sink_followers", followers as f64),
+            ("sink_lagging_followers", lagging as f64),
+        ];
+        let name = self.settings.sink_name.clone();
+        let rollup = self.rollups.at(self.store.store(), &name, now);
+        for (metric, v) in values {
+            rollup.observe(metric, v);
+        }
+        self.own = OwnMetrics {
+            last_sample: std::time::Instant::now(),
+            events: 0,
+            commit_ms_max: 0.0,
+            ticks: self.own.ticks,
+        };
     }
 
     fn vm_state(&mut self, vm: &str) -> &mut VmState {
@@ -265,6 +471,9 @@ impl Committer {
             vm_state.first_seen_usec = stamp;
         }
         vm_state.last_seen_usec = stamp;
+        self.health.heard(&vm, stamp);
+        let rollup = self.rollups.at(self.store.store(), &vm, stamp);
+        let (mut events, mut gaps) = (0u64, 0u64);
 
         let mem = self.streams.get_mut(&chunk.key).expect("connections register before sending");
         if mem.durable.first_seen_usec == 0 {
@@ -273,28 +482,32 @@ impl Committer {
         mem.durable.last_seen_usec = stamp;
         let out = cycle.records.entry(vm.clone()).or_default();
         let mut last_event_accepted = None;
+        let mut refused = 0u64;
         for item in chunk.items {
-            let seq = match &item {
-                Item::Event { seq, .. } => *seq,
-                Item::Gap { gap } => gap.seq,
+            // `first` is where the item starts: a refused run spans several numbers.
+            let (first, seq) = match &item {
+                Item::Event { seq, .. } => (*seq, *seq),
+                Item::Gap { gap } => (gap.seq, gap.seq),
+                Item::Refused { first_seq, last_seq, .. } => (*first_seq, *last_seq),
             };
             // A replay after reconnect: already stored (or about to be), so dropping it
             // is what makes delivery exactly-once.
             if seq <= mem.accepted_seq {
-                if matches!(item, Item::Event { .. }) {
+                if matches!(item, Item::Event { .. } | Item::Refused { .. }) {
                     last_event_accepted = Some(false);
                 }
                 continue;
             }
             // The agent numbers without holes, so a jump means events were lost before
             // they reached us; record it rather than let the loss pass silently.
-            if seq > mem.accepted_seq + 1 {
-                let (from, to) = (mem.accepted_seq, seq);
+            if first > mem.accepted_seq + 1 {
+                let (from, to) = (mem.accepted_seq, first);
                 let missing = to - from - 1;
                 let message = format!(
                     "{missing} events of stream {stream} never arrived (sequence jumped from {from} to {to})"
                 );
                 let event = gap_event("seq", Some(missing), message);
+                gaps += 1;
                 out.push_record(&sink_record(
                     &vm,
                     &stream,
@@ -304,24 +517,94 @@ impl Committer {
                     event,
                 ));
             }
+            let previous = mem.accepted_seq;
             mem.accepted_seq = seq;
             match item {
-                Item::Event { seq, range } => {
+                Item::Event { seq, range, priority } => {
+                    let p = priority.map_or(NO_PRIORITY, usize::from);
+                    rollup.events[p] += 1;
+                    rollup.bytes[p] += range.len() as u64;
+                    events += 1;
                     out.push_header(&vm, &stream, stamp, seq, RecordKind::Event);
                     out.raw.extend_from_slice(&chunk.raw[range.clone()]);
                     cycle.bytes += range.len() + 64;
                     last_event_accepted = Some(true);
                 }
                 Item::Gap { gap } => {
+                    gaps += 1;
                     let event = agent_gap_event(&gap);
                     cycle.bytes += event.payload_len() + 64;
                     out.push_record(&sink_record(&vm, &stream, stamp, seq, RecordKind::Gap, event));
+                }
+                Item::Refused { first_seq, last_seq, count, first_usec, last_usec } => {
+                    // Only what lies above the previous watermark is new; a run that a
+                    // racing connection partly covered counts only that part.
+                    let count = if first_seq > previous { count } else { count.min(last_seq - previous) };
+                    let first_seq = first_seq.max(previous + 1);
+                    refused += count;
+                    // The resume cursor moves too, or an agent reading the journal would
+                    // resume before the refused events and send them again.
+                    last_event_accepted = Some(true);
+                    cycle
+                        .refused
+                        .entry(chunk.key.clone())
+                        .and_modify(|r| {
+                            r.last_seq = last_seq;
+                            r.count += count;
+                            r.last_usec = r.last_usec.max(last_usec);
+                        })
+                        .or_insert(Refusals { first_seq, last_seq, count, first_usec, last_usec });
+                    // The gap record is written once per stream when the cycle ends.
+                    continue;
                 }
             }
             cycle.count += 1;
         }
         if last_event_accepted == Some(true) {
             mem.accepted_cursor = chunk.last_cursor;
+        }
+        rollup.gaps += gaps;
+        rollup.rate_refused += refused;
+        if refused > 0 {
+            self.vms.entry(vm.clone()).or_default().events_refused_rate += refused;
+        }
+        self.health.count(&vm, stamp, events, gaps, refused);
+        self.own.events += events;
+    }
+
+    /// Writes one `rate` gap record per stream that had items refused this cycle, in
+    /// the same commit that moves its resume point past them: a crash can lose neither
+    /// without the other. Coalescing per cycle keeps a flood to a few records per second
+    /// however many items it sends; the record takes the first refused sequence number.
+    fn record_refusals(&mut self, cycle: &mut Cycle) {
+        let stamp = self.stamp();
+        for ((vm, stream), r) in std::mem::take(&mut cycle.refused) {
+            if r.count == 0 {
+                continue;
+            }
+            let limit = self.settings.rate_limit(&vm);
+            log_events::rate_limited(&vm, r.count, &limit.describe());
+            let message = format!(
+                "{} events of stream {stream} were refused between {} and {} (sequence {} to {}): {vm} sent faster than its rate limit of {}",
+                r.count,
+                format_usec(r.first_usec),
+                format_usec(r.last_usec),
+                r.first_seq,
+                r.last_seq,
+                limit.describe()
+            );
+            let record = sink_record(
+                &vm,
+                &stream,
+                stamp,
+                r.first_seq,
+                RecordKind::Gap,
+                gap_event("rate", Some(r.count), message),
+            );
+            cycle.bytes += record.event.payload_len() + 64;
+            cycle.count += 1;
+            cycle.records.entry(vm.clone()).or_default().push_record(&record);
+            cycle.touch_vm(&vm);
         }
     }
 
@@ -349,6 +632,9 @@ impl Committer {
                 st.events_expired += expired;
                 cycle.touch_vm(&vm);
                 log_events::retention_expired(&vm, expired);
+            }
+            if let Some(cutoff) = now_usec().checked_sub(self.settings.rollup_retention.as_micros() as u64) {
+                cycle.aux_deletes.extend(RollupBook::expired(self.store.store(), &vm, cutoff));
             }
         }
     }
@@ -387,6 +673,10 @@ impl Committer {
         st.events_dropped_quota += dropped;
         log_events::quota_trimmed(vm, dropped, quota);
         let stamp = self.stamp();
+        let rollup = self.rollups.at(self.store.store(), vm, stamp);
+        rollup.quota_dropped += dropped;
+        rollup.gaps += 1;
+        self.health.count(vm, stamp, 0, 1, 0);
         let message = format!(
             "{dropped} oldest events of {vm} (received {} to {}) were removed: the VM is over its quota of {quota} bytes",
             format_usec(first),
@@ -436,7 +726,14 @@ impl Committer {
             set.batches.push(batch);
             published.push(records);
         }
-        if set.batches.is_empty() && cycle.deletes.is_empty() && cycle.touched_vms.is_empty() {
+        set.aux = self.rollups.take_dirty();
+        set.aux_deletes = std::mem::take(&mut cycle.aux_deletes);
+        if set.batches.is_empty()
+            && cycle.deletes.is_empty()
+            && cycle.touched_vms.is_empty()
+            && set.aux.is_empty()
+            && set.aux_deletes.is_empty()
+        {
             self.notify(&cycle.touched_streams);
             return;
         }
@@ -456,10 +753,18 @@ impl Committer {
 
         // Retry until the store takes it: acking anything not on disk would be a lie,
         // and taking new chunks meanwhile would only grow memory.
+        let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u32;
         while let Err(error) = self.store.commit(&set) {
             failures += 1;
+            if error.needs_reopen() {
+                // sled fails every call after a failed write until it is reopened, and
+                // queries hold it open; exiting unacked lets systemd restart us on a
+                // fresh handle, and the agents resend.
+                log_events::index_failed(&error);
+                std::process::exit(1);
+            }
             log_events::commit_failed(&error, failures);
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -467,6 +772,9 @@ impl Committer {
         if failures > 0 {
             log_events::commit_recovered(failures);
         }
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.own.commit_ms_max = self.own.commit_ms_max.max(ms);
+        self.rollups.evict(now_usec());
 
         for (key, st) in &set.streams {
             if let Some(mem) = self.streams.get_mut(key) {

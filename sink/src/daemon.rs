@@ -42,8 +42,13 @@ pub struct Config {
     pub max_connections: usize,
     /// Most ingest connections at once from one VM. By default, 16.
     pub max_connections_per_vm: usize,
+    /// Most ingest connections in their handshake at once. By default, 256.
+    pub max_handshakes: usize,
     /// Time a new ingest connection has to send its descriptor and hello. By default, 10 s.
     pub handshake_timeout: Duration,
+    /// A fixed idle timeout for established streams instead of the one derived from
+    /// their heartbeat interval (tests only). By default, `None`.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Most chunks queued for the committer; with `ingest::CHUNK_BYTES` this bounds the
@@ -51,10 +56,19 @@ pub struct Config {
 const COMMIT_QUEUE: usize = 64;
 /// How often age-based retention runs.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// Pause after a failed accept (see `accept_failed`).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// Budget for connections to finish after a shutdown signal.
+/// How often the committer judges every VM's health.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // A warning, not a refusal: tests and a developer's first run start qlogd as root.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        log_events::running_as_root();
+    }
     let store = Store::open(&config.state_dir, config.cache_bytes)?;
     let vms = store.load_vms()?.into_iter().collect();
     let streams = store.load_streams()?.into_iter().collect();
@@ -90,18 +104,34 @@ async fn serve(
         .context("cannot start the committer thread")?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ingest_ctx = Arc::new(IngestContext::new(
-        commit_tx.clone(),
-        Arc::clone(&shared),
-        config.handshake_timeout,
-        config.max_connections_per_vm,
-        shutdown_rx.clone(),
-    ));
+    let ingest_ctx = Arc::new(
+        IngestContext::new(
+            commit_tx.clone(),
+            Arc::clone(&shared),
+            config.handshake_timeout,
+            config.max_connections_per_vm,
+            shutdown_rx.clone(),
+        )
+        .with_max_handshakes(config.max_handshakes)
+        .with_idle_timeout(config.idle_timeout),
+    );
     let query_ctx = Arc::new(QueryContext { store: store.clone(), shared: Arc::clone(&shared) });
 
     // Retention ticks hold only a weak sender, so they never keep the committer alive.
     let weak = commit_tx.downgrade();
     drop(commit_tx);
+    let health_weak = weak.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(tx) = health_weak.upgrade() else { return };
+            if tx.send(Request::HealthTick).await.is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_INTERVAL);
         tick.tick().await;
@@ -140,21 +170,34 @@ async fn serve(
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
             accepted = ingest_listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        accept_failed("ingest", &error).await;
+                        continue;
+                    }
+                };
                 // Over the global limit the connection is closed at once; qrexec reports
                 // that to the agent, which backs off and retries.
                 let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                     log_events::too_many_connections("all", config.max_connections);
                     continue;
                 };
+                let Some(handshake) = ingest::handshake_place(&ingest_ctx) else { continue };
                 let ctx = Arc::clone(&ingest_ctx);
                 ingest_tasks.spawn(async move {
-                    ingest::serve(stream, ctx).await;
+                    ingest::serve(stream, ctx, handshake).await;
                     drop(permit);
                 });
             }
             accepted = query_listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        accept_failed("query", &error).await;
+                        continue;
+                    }
+                };
                 query_tasks.spawn(query::serve(stream, Arc::clone(&query_ctx)));
             }
             Some(_) = ingest_tasks.join_next(), if !ingest_tasks.is_empty() => {}
@@ -186,8 +229,21 @@ async fn serve(
     Ok(())
 }
 
+/// Logs a failed accept and pauses: out of descriptors (EMFILE, ENFILE) the connection
+/// stays queued and the next accept fails at once, so retrying without a pause would
+/// spin a core until a descriptor is freed.
+async fn accept_failed(socket: &str, error: &std::io::Error) {
+    log_events::accept_failed(socket, error);
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 /// Binds a Unix socket at `path`, mode 0660, replacing a stale socket file but never a
 /// live one or a file of another kind.
+///
+/// Connecting takes write permission on the socket file, so the socket is created
+/// owner-only (under a umask of 0177) and opened to its group only once it has that
+/// group: at no moment can anyone but our own user, or a member of our own primary
+/// group when the socket is meant for another, connect to it.
 fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -210,16 +266,28 @@ fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
-    if let Some(group) = group {
-        let gid = group_id(group)?;
+    let gid = group.map(group_id).transpose()?;
+    let listener = bind_owner_only(path)?;
+    if let (Some(group), Some(gid)) = (group, gid) {
         std::os::unix::fs::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
     }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
     Ok(listener)
+}
+
+/// Binds with the process umask at 0177, so the socket file is born mode 0600.
+///
+/// The umask is process-wide: a file another thread creates meanwhile is born without
+/// group and other permissions too, which is stricter, never looser, than intended.
+fn bind_owner_only(path: &Path) -> anyhow::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's file mode creation mask; it cannot fail.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the mask we found.
+    unsafe { libc::umask(previous) };
+    bound.with_context(|| format!("cannot listen on {}", path.display()))
 }
 
 fn group_id(name: &str) -> anyhow::Result<u32> {

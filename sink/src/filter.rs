@@ -141,10 +141,7 @@ impl CompiledFilter {
 }
 
 fn parse_priority(v: &[u8]) -> Option<u8> {
-    match v {
-        [d] if (b'0'..=b'7').contains(d) => Some(d - b'0'),
-        _ => None,
-    }
+    qlog_rpc::event::priority_digit(v)
 }
 
 impl UnitPattern {

@@ -9,21 +9,23 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qlog_rpc::descriptor::{self, Descriptor};
-use qlog_rpc::event::{decode_event_payload, scan_event_payload};
+use qlog_rpc::event::{decode_event_payload, scan_event_payload, EventScan};
 use qlog_rpc::frame::{Frame, FrameDecoder, FrameType};
 use qlog_rpc::message::{self, decode_json, encode_json, encode_u64, negotiate_version};
 use qlog_rpc::{ErrorCode, ErrorFrame, Gap, Heartbeat, Hello, Limits, Welcome, INGEST_SERVICE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::committer::{Chunk, Item, Request};
 use crate::log_events;
+use crate::rate_limit::{Buckets, SharedBucket};
 use crate::shared::Shared;
+use qlog_rpc::telemetry::Sample;
 
 /// Most events one chunk carries to the committer.
 const CHUNK_EVENTS: usize = 1024;
@@ -46,9 +48,29 @@ pub struct IngestContext {
     pub handshake_timeout: Duration,
     pub max_connections_per_vm: usize,
     per_vm: Mutex<HashMap<String, usize>>,
+    /// Connections still in their handshake (descriptor and Hello not both read yet).
+    /// Such a peer has proved nothing, so it gets a pool of its own: over it, a new
+    /// connection is closed at once, and a flood of silent or trickling peers cannot use
+    /// up `max_connections` for the streams that did complete a handshake. By default,
+    /// [`DEFAULT_MAX_HANDSHAKES`].
+    handshakes: Arc<Semaphore>,
+    max_handshakes: usize,
+    /// Replaces the idle timeout derived from the agent's heartbeat interval; only the
+    /// hidden `--idle-timeout-seconds` sets it, for tests. By default, `None`.
+    idle_timeout_override: Option<Duration>,
+    /// Each VM's token bucket, shared by all of its connections; checked for every event
+    /// and gap before it is queued to the committer (see `rate_limit.rs`).
+    buckets: Buckets,
     /// Flips to true when qlogd starts shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
+
+/// Telemetry samples one connection queues between two flushes; more are dropped and
+/// counted, so a VM sending samples in a tight loop costs the committer little.
+const MAX_PENDING_SAMPLES: usize = 4;
+
+/// Most connections in their handshake at once, when the configuration says nothing.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
 
 impl IngestContext {
     pub fn new(
@@ -67,8 +89,26 @@ impl IngestContext {
             handshake_timeout,
             max_connections_per_vm,
             per_vm: Mutex::new(HashMap::new()),
+            handshakes: Arc::new(Semaphore::new(DEFAULT_MAX_HANDSHAKES)),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            idle_timeout_override: None,
+            buckets: Buckets::default(),
             shutdown,
         }
+    }
+
+    /// Sets how many connections may be in their handshake at once (at least 1).
+    pub fn with_max_handshakes(mut self, max: usize) -> IngestContext {
+        let max = max.max(1);
+        self.handshakes = Arc::new(Semaphore::new(max));
+        self.max_handshakes = max;
+        self
+    }
+
+    /// Sets a fixed idle timeout for established streams, whatever their heartbeat.
+    pub fn with_idle_timeout(mut self, timeout: Option<Duration>) -> IngestContext {
+        self.idle_timeout_override = timeout;
+        self
     }
 }
 
@@ -102,7 +142,21 @@ impl Drop for VmSlot {
     }
 }
 
-pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
+/// A place in the handshake pool, or `None` (after logging it) when the pool is full:
+/// the caller then drops the connection unread, since answering would cost a flood's
+/// sender nothing and us a write per connection. Taken in the accept loop, so that
+/// connections get places in the order they were accepted.
+pub fn handshake_place(ctx: &IngestContext) -> Option<OwnedSemaphorePermit> {
+    let place = Arc::clone(&ctx.handshakes).try_acquire_owned().ok();
+    if place.is_none() {
+        log_events::too_many_handshakes(ctx.max_handshakes);
+    }
+    place
+}
+
+/// Serves one connection; `handshake` is its place in the handshake pool, given back
+/// once the Hello is read.
+pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>, handshake: OwnedSemaphorePermit) {
     let (mut rd, mut wr) = stream.into_split();
     let mut decoder = FrameDecoder::new(ctx.limits);
 
@@ -133,6 +187,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
             return reject(&ctx, &mut wr, None, r).await;
         }
     };
+    drop(handshake);
     let vm = desc.source_vm.clone();
 
     let Some(_slot) = take_slot(&ctx, &vm) else {
@@ -166,6 +221,8 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
     let key = (vm.clone(), hello.stream.clone());
     let (ack_tx, ack_rx) = watch::channel(0u64);
     let (reply_tx, reply_rx) = oneshot::channel();
+    let heartbeat_secs = hello.heartbeat_interval_secs;
+    let _ = ctx.committer.send(Request::Hello { vm: vm.clone(), heartbeat_secs }).await;
     let registered = ctx
         .committer
         .send(Request::Register { key: key.clone(), acks: ack_tx, reply: reply_tx })
@@ -198,7 +255,8 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         ctl_rx,
     ));
 
-    let idle_timeout = idle_timeout(hello.heartbeat_interval_secs);
+    let idle_timeout =
+        ctx.idle_timeout_override.unwrap_or_else(|| idle_timeout(hello.heartbeat_interval_secs));
     let mut conn = Connection {
         ctx: Arc::clone(&ctx),
         key,
@@ -206,6 +264,8 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>) {
         last_seq: 0,
         max_seq: resume.last_seq,
         chunk: Chunk::default(),
+        pending: Vec::new(),
+        bucket: ctx.buckets.for_vm(&vm, ctx.shared.settings().rate_limit(&vm)),
     };
     conn.chunk.key = conn.key.clone();
     let outcome = conn.read_loop(&mut rd, decoder, idle_timeout).await;
@@ -361,6 +421,10 @@ struct Connection {
     /// Highest sequence number this connection must see durable before its final ack.
     max_seq: u64,
     chunk: Chunk,
+    /// Heartbeats and telemetry to hand the committer with the next flush.
+    pending: Vec<Request>,
+    /// The VM's token bucket, shared with its other connections.
+    bucket: SharedBucket,
 }
 
 impl Connection {
@@ -372,12 +436,15 @@ impl Connection {
     ) -> Outcome {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut buf = vec![0u8; 64 * 1024];
+        // Only a whole frame moves the deadline: a peer trickling a frame a byte at a
+        // time is as idle as a silent one, and must not hold its slot forever.
+        let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
         loop {
             let n = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
-                _ = tokio::time::sleep(idle_timeout) => {
-                    let message = format!("nothing received for {} s; reconnect when there is something to send", idle_timeout.as_secs());
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    let message = format!("no complete frame for {} s; reconnect when there is something to send", idle_timeout.as_secs());
                     return Outcome::Rejected(Rejection::new(ErrorCode::IdleTimeout, message));
                 }
                 r = rd.read(&mut buf) => match r {
@@ -393,7 +460,10 @@ impl Connection {
             decoder.feed(&buf[..n]);
             loop {
                 let (ty, payload) = match decoder.next_frame_ref() {
-                    Ok(Some(frame)) => frame,
+                    Ok(Some(frame)) => {
+                        idle_deadline = tokio::time::Instant::now() + idle_timeout;
+                        frame
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         return Outcome::Rejected(Rejection::new(
@@ -439,6 +509,13 @@ impl Connection {
             FrameType::Event => {
                 let scan = scan_event_payload(payload, &self.limits).map_err(bad_event)?;
                 self.check_seq(scan.seq)?;
+                // A refused event is still valid and numbered, and its cursor is where
+                // the agent's journal resumes: only its fields are left out.
+                if !self.admit(payload.len()) {
+                    self.chunk.last_cursor = cursor_of(&scan, payload);
+                    self.refuse(scan.seq);
+                    return Ok(false);
+                }
                 let start = self.chunk.raw.len();
                 if scan.has_trusted {
                     // Rare, and only from a misbehaving VM: rebuild the event renamed.
@@ -449,28 +526,52 @@ impl Connection {
                 } else {
                     self.chunk.raw.extend_from_slice(&payload[scan.fields_start..]);
                 }
-                self.chunk.last_cursor = scan
-                    .cursor
-                    .and_then(|r| std::str::from_utf8(&payload[r]).ok())
-                    .filter(|c| c.len() <= MAX_CURSOR_LEN)
-                    .map(str::to_owned);
+                self.chunk.last_cursor = cursor_of(&scan, payload);
                 self.accept_seq(scan.seq);
-                self.chunk
-                    .items
-                    .push(Item::Event { seq: scan.seq, range: start..self.chunk.raw.len() });
+                self.chunk.items.push(Item::Event {
+                    seq: scan.seq,
+                    range: start..self.chunk.raw.len(),
+                    priority: scan.priority,
+                });
             }
             FrameType::Gap => {
                 let gap: Gap = decode_json(FrameType::Gap, payload)
                     .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
                 self.check_seq(gap.seq)?;
+                // Gap reports become records too, so they draw on the same bucket.
+                if !self.admit(payload.len()) {
+                    self.refuse(gap.seq);
+                    return Ok(false);
+                }
                 self.accept_seq(gap.seq);
                 self.chunk.items.push(Item::Gap { gap });
             }
             FrameType::Heartbeat => {
-                // FIXME: heartbeats are parsed but not yet recorded; health tracking
-                // needs a per-VM liveness table, which the committer does not keep yet.
                 let _: Heartbeat = decode_json(FrameType::Heartbeat, payload)
                     .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+                // One pending heartbeat says as much as many.
+                if !self.pending.iter().any(|r| matches!(r, Request::Heartbeat { .. })) {
+                    self.pending.push(Request::Heartbeat { vm: self.key.0.clone() });
+                }
+            }
+            FrameType::Telemetry => {
+                let sample: Sample = decode_json(FrameType::Telemetry, payload)
+                    .map_err(|e| Rejection::new(ErrorCode::BadFrame, e.to_string()))?;
+                let sample = sample.validated();
+                if sample.rejected > 0 {
+                    log_events::telemetry_rejected(&self.key.0, sample.rejected);
+                }
+                // A sample is small, but a VM could send them as fast as events: keep a
+                // few and count the rest as rejected values rather than queue them all.
+                let queued =
+                    self.pending.iter().filter(|r| matches!(r, Request::Telemetry { .. })).count();
+                if queued < MAX_PENDING_SAMPLES {
+                    self.pending.push(Request::Telemetry { vm: self.key.0.clone(), sample });
+                } else if let Some(Request::Telemetry { sample: last, .. }) =
+                    self.pending.last_mut()
+                {
+                    last.rejected += sample.values.len() as u64;
+                }
             }
             FrameType::End => {
                 let last = message::decode_u64(FrameType::End, payload)
@@ -501,9 +602,48 @@ impl Connection {
         self.max_seq = self.max_seq.max(seq);
     }
 
+    /// True if the VM's bucket has room for an item of `bytes` payload bytes.
+    fn admit(&self, bytes: usize) -> bool {
+        let mut bucket = self.bucket.lock().expect("bucket lock is never poisoned");
+        bucket.take(bytes, Instant::now())
+    }
+
+    /// Counts item `seq` as refused by the rate limit. Refusals the chunk holds back to
+    /// back become one [`Item::Refused`]: the committer needs their range and count, not
+    /// each one, and a flood of them then costs the queue a few bytes per chunk.
+    ///
+    /// The design decision: over its limit a VM loses items rather than being slowed
+    /// down. Holding its reads instead would keep everything, but would also let a VM
+    /// that never stops hold its connections and the agent's journal position forever,
+    /// and an agent that is behind could never tell the operator. Refusing, acking and
+    /// recording a gap is what journald does to a service over its limit.
+    fn refuse(&mut self, seq: u64) {
+        self.accept_seq(seq);
+        let now = crate::committer::now_usec();
+        if let Some(Item::Refused { last_seq, count, last_usec, .. }) = self.chunk.items.last_mut()
+        {
+            *last_seq = seq;
+            *count += 1;
+            *last_usec = now;
+            return;
+        }
+        self.chunk.items.push(Item::Refused {
+            first_seq: seq,
+            last_seq: seq,
+            count: 1,
+            first_usec: now,
+            last_usec: now,
+        });
+    }
+
     /// Hands the pending chunk to the committer, waiting for room: this wait is the
     /// backpressure that reaches the agent. False if the committer is gone.
     async fn flush(&mut self) -> bool {
+        for request in std::mem::take(&mut self.pending) {
+            if self.ctx.committer.send(request).await.is_err() {
+                return false;
+            }
+        }
         if self.chunk.items.is_empty() {
             return true;
         }
@@ -568,6 +708,15 @@ async fn write_loop(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// An event's `__CURSOR`, if it is one we keep as a resume point.
+fn cursor_of(scan: &EventScan, payload: &[u8]) -> Option<String> {
+    scan.cursor
+        .clone()
+        .and_then(|r| std::str::from_utf8(&payload[r]).ok())
+        .filter(|c| c.len() <= MAX_CURSOR_LEN)
+        .map(str::to_owned)
 }
 
 fn truncate(s: &str, max: usize) -> String {

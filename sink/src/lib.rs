@@ -11,15 +11,20 @@
 //! ```
 //!
 //! `daemon` wires them together and owns shutdown; `log_events` is the list of what
-//! qlogd can say to an operator.
+//! qlogd can say to an operator. Beside the data path, the committer keeps per-minute
+//! telemetry `rollup`s and judges every VM's `health`.
 
+pub mod chain;
 pub mod committer;
 pub mod config;
 pub mod daemon;
 pub mod filter;
+pub mod health;
 pub mod ingest;
 pub mod log_events;
 pub mod notify;
 pub mod query;
+pub mod rate_limit;
+pub mod rollup;
 pub mod shared;
 pub mod store;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::store::StoreError;
+use crate::store::{RepairReport, StoreError};
 
 /// At most one message per key per interval; the rest are counted and the count is
 /// reported with the next message that gets through.
@@ -85,6 +85,29 @@ pub fn too_many_connections(vm: &str, limit: usize) {
     }
 }
 
+pub fn too_many_handshakes(limit: usize) {
+    if let Some(suppressed) = LIMIT.check("handshakes") {
+        tracing::warn!(
+            limit,
+            suppressed,
+            "refusing connection: too many ingest connections are still in their handshake"
+        );
+    }
+}
+
+pub fn accept_failed(socket: &str, error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = LIMIT.check(&format!("accept:{socket}")) {
+        tracing::warn!(socket, error = %error, suppressed, "cannot accept a connection; retrying");
+    }
+}
+
+pub fn running_as_root() {
+    tracing::warn!(
+        "running as root: qlogd needs no privileges; run it as its own user (the packaged \
+         unit uses User=qlog)"
+    );
+}
+
 pub fn quota_trimmed(vm: &str, dropped: u64, quota: u64) {
     if let Some(suppressed) = LIMIT.check(&format!("quota:{vm}")) {
         tracing::error!(
@@ -97,14 +120,65 @@ pub fn quota_trimmed(vm: &str, dropped: u64, quota: u64) {
     }
 }
 
+pub fn rate_limited(vm: &str, refused: u64, limit: &str) {
+    if let Some(suppressed) = LIMIT.check(&format!("rate:{vm}")) {
+        tracing::error!(
+            vm,
+            refused,
+            limit,
+            suppressed,
+            "VM over its rate limit: events refused and recorded as a gap (qlog vms counts them)"
+        );
+    }
+}
+
 pub fn retention_expired(vm: &str, expired: u64) {
     tracing::info!(vm, expired, "events past the retention period removed");
 }
 
-pub fn commit_failed(error: &StoreError, attempt: u32) {
-    if let Some(suppressed) = LIMIT.check("commit") {
-        tracing::error!(error = %error, attempt, suppressed, "commit failed: acks are held until the store accepts writes again");
+/// Crash repair on open. Cutting what was never indexed is routine after a crash (it was
+/// never acknowledged); indexed bytes missing are acknowledged events lost.
+pub fn store_opened(repair: &RepairReport, elapsed: Duration) {
+    let RepairReport { cut_segments, cut_bytes, removed_segments, missing_segments, missing_bytes } =
+        repair.clone();
+    let elapsed_ms = elapsed.as_millis() as u64;
+    if repair.acked_data_intact() {
+        tracing::info!(
+            cut_segments,
+            cut_bytes,
+            removed_segments,
+            elapsed_ms,
+            "store opened; cut only what was never acknowledged"
+        );
+    } else {
+        tracing::error!(
+            missing_segments,
+            missing_bytes,
+            cut_segments,
+            cut_bytes,
+            removed_segments,
+            elapsed_ms,
+            "store opened with indexed data missing: acknowledged events were lost (disk damage?)"
+        );
     }
+}
+
+/// One ERROR when commits start failing (a full disk, say), however long it lasts and
+/// however often the committer retries; the retries are at DEBUG, and
+/// [`commit_recovered`] closes the episode. A disk that fills again and again within the
+/// rate-limit interval still gets one ERROR per interval.
+pub fn commit_failed(error: &StoreError, attempt: u32) {
+    if attempt == 1 {
+        if let Some(suppressed) = LIMIT.check("commit") {
+            tracing::error!(error = %error, suppressed, "commit failed: acks are held until the store accepts writes again");
+            return;
+        }
+    }
+    tracing::debug!(error = %error, attempt, "commit failed again; retrying");
+}
+
+pub fn index_failed(error: &StoreError) {
+    tracing::error!(error = %error, "the index failed a write and must be reopened: exiting for a restart, nothing unacknowledged was acked");
 }
 
 pub fn commit_recovered(failures: u32) {
@@ -114,5 +188,31 @@ pub fn commit_recovered(failures: u32) {
 pub fn query_failed(error: &dyn std::fmt::Display) {
     if let Some(suppressed) = LIMIT.check("query") {
         tracing::warn!(error = %error, suppressed, "query failed");
+    }
+}
+
+pub fn vm_silent(vm: &str, quiet_secs: u64, interval_secs: u32) {
+    tracing::error!(vm, quiet_secs, interval_secs, "VM went silent: no heartbeat for three promised intervals");
+}
+
+pub fn vm_back(vm: &str, quiet_secs: u64) {
+    tracing::info!(vm, quiet_secs, "VM is talking again");
+}
+
+pub fn vm_never_seen(vm: &str) {
+    tracing::error!(vm, "expected VM has never connected: check its qlog-agent service and the qrexec policy");
+}
+
+/// A stored rollup could not be read; its minute starts again from zero.
+pub fn rollup_unreadable(vm: &str, minute: u64, error: &str) {
+    if let Some(suppressed) = LIMIT.check(&format!("rollup:{vm}")) {
+        tracing::warn!(vm, minute, error, suppressed, "telemetry rollup unreadable; counting that minute afresh");
+    }
+}
+
+/// A VM sent telemetry values outside their bounds; they were dropped.
+pub fn telemetry_rejected(vm: &str, rejected: u64) {
+    if let Some(suppressed) = LIMIT.check(&format!("telemetry:{vm}")) {
+        tracing::warn!(vm, rejected, suppressed, "implausible telemetry values dropped");
     }
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use qlog_sink::committer::{Settings, VmLimits};
+use qlog_sink::health::HealthSettings;
 use qlog_sink::config::{self, FileConfig, DEFAULT_CONFIG};
 use qlog_sink::daemon::{self, Config};
+use qlog_sink::rate_limit::{RateLimit, RateOverride};
 
 /// qlogd: the qlog sink for the Qubes log qube.
 ///
@@ -71,16 +73,69 @@ struct Args {
     #[arg(long)]
     max_connections_per_vm: Option<usize>,
 
+    /// Most ingest connections still in their handshake at once; more are closed at
+    /// once [default: 256].
+    #[arg(long)]
+    max_handshakes: Option<usize>,
+
     /// Seconds a new ingest connection has to send its descriptor and hello [default: 10].
     #[arg(long)]
     handshake_timeout: Option<u64>,
+
+    /// Seconds an established stream may go without a complete frame, whatever its
+    /// heartbeat interval (for tests of idle peers).
+    #[arg(long, hide = true)]
+    idle_timeout_seconds: Option<u64>,
+
+    /// Events per second each VM may send beyond its burst; over it, events are refused
+    /// and recorded as a gap. 0 turns the event limit off [default: 1000].
+    #[arg(long)]
+    rate_limit_events_per_sec: Option<u64>,
+
+    /// Events each VM may send at once above its rate [default: 300000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    rate_limit_burst_events: Option<u64>,
+
+    /// Payload bytes per second each VM may send (also "4MiB"). 0 turns the byte limit
+    /// off [default: 4MiB].
+    #[arg(long, value_parser = config::parse_bytes)]
+    rate_limit_bytes_per_sec: Option<u64>,
+
+    /// Payload bytes each VM may send at once above its rate [default: 256MiB].
+    #[arg(long, value_parser = config::parse_bytes)]
+    rate_limit_burst_bytes: Option<u64>,
 
     /// Log filter for qlogd's own logs on stderr (tracing's EnvFilter syntax).
     #[arg(long, env = "QLOG_LOG", default_value = "info")]
     log_level: String,
 
+    /// The log qube's own name: qlogd stores its health events and its own metrics
+    /// under it, like a VM's. By default, this machine's hostname (in Qubes, the
+    /// qube's name).
+    #[arg(long, env = "QLOG_SINK_NAME", value_parser = parse_vm_name)]
+    name: Option<String>,
+
+    /// Days to keep per-minute telemetry rollups (by default 400; events have their own
+    /// retention).
+    #[arg(long)]
+    rollup_retention_days: Option<u64>,
+
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+fn parse_vm_name(s: &str) -> Result<String, String> {
+    qlog_rpc::descriptor::validate_vm_name(s).map(|_| s.to_owned()).map_err(|e| e.to_string())
+}
+
+/// The hostname if it is a valid qube name, else `log-qube`.
+fn own_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    match qlog_rpc::descriptor::validate_vm_name(host) {
+        Ok(_) => host.to_owned(),
+        Err(_) => "log-qube".to_owned(),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,11 +196,13 @@ fn check_config(args: &Args, path: &Path) -> ExitCode {
             println!("vm_quota = {} bytes", c.settings.vm_quota_bytes);
             println!("retention_days = {}", c.settings.retention.as_secs() / 86_400);
             println!("expected_vms = {:?}", c.settings.expected_vms);
+            println!("rate_limit = {}", c.settings.rate_limit.describe());
             for (vm, o) in &c.settings.overrides {
                 println!(
-                    "[vm.{vm}] quota = {:?}, retention_days = {:?}",
+                    "[vm.{vm}] quota = {:?}, retention_days = {:?}, rate_limit = {}",
                     o.quota_bytes,
-                    o.retention.map(|r| r.as_secs() / 86_400)
+                    o.retention.map(|r| r.as_secs() / 86_400),
+                    c.settings.rate_limit(vm).describe()
                 );
             }
             ExitCode::SUCCESS
@@ -168,10 +225,18 @@ fn merge(args: &Args, file: FileConfig) -> Config {
                 VmLimits {
                     quota_bytes: o.quota.map(|b| b.0),
                     retention: o.retention_days.map(days),
+                    rate: o.rate(),
                 },
             )
         })
         .collect();
+    // A flag beats the file, which beats the built-in default, key by key.
+    let rate_limit = RateLimit::default().with(&file.rate()).with(&RateOverride {
+        events_per_sec: args.rate_limit_events_per_sec,
+        burst_events: args.rate_limit_burst_events,
+        bytes_per_sec: args.rate_limit_bytes_per_sec,
+        burst_bytes: args.rate_limit_burst_bytes,
+    });
     Config {
         state_dir: args
             .state_dir
@@ -197,7 +262,24 @@ fn merge(args: &Args, file: FileConfig) -> Config {
                 None => days(args.retention_days.or(file.retention_days).unwrap_or(30)),
             },
             overrides,
+            rate_limit,
             expected_vms: file.expected_vms,
+            sink_name: args.name.clone().or(file.name).unwrap_or_else(own_name),
+            rollup_retention: days(
+                args.rollup_retention_days.or(file.rollup_retention_days).unwrap_or(400),
+            ),
+            health: {
+                let d = HealthSettings::default();
+                HealthSettings {
+                    lag_secs: file.health.lag_secs.map_or(d.lag_secs, |s| s as f64),
+                    flood_factor: file.health.flood_factor.map_or(d.flood_factor, |f| f as f64),
+                    flood_floor_per_minute: file
+                        .health
+                        .flood_floor_per_minute
+                        .unwrap_or(d.flood_floor_per_minute),
+                    ..d
+                }
+            },
         },
         cache_bytes: args.cache_bytes,
         max_connections: args.max_connections.or(file.max_connections).unwrap_or(512),
@@ -205,8 +287,13 @@ fn merge(args: &Args, file: FileConfig) -> Config {
             .max_connections_per_vm
             .or(file.max_connections_per_vm)
             .unwrap_or(16),
+        max_handshakes: args
+            .max_handshakes
+            .or(file.max_handshakes)
+            .unwrap_or(qlog_sink::ingest::DEFAULT_MAX_HANDSHAKES),
         handshake_timeout: Duration::from_secs(
             args.handshake_timeout.or(file.handshake_timeout_secs).unwrap_or(10),
         ),
+        idle_timeout: args.idle_timeout_seconds.map(|s| Duration::from_secs(s.max(1))),
     }
 }

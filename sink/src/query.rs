@@ -15,7 +15,7 @@ use std::time::Duration;
 use qlog_rpc::frame::{encode, FrameDecoder, FrameType};
 use qlog_rpc::message::{decode_json, encode_json};
 use qlog_rpc::query::{
-    Done, EventsQuery, Lagged, RecordView, Request, VmsReply, MAX_REQUEST_ITEMS,
+    Done, EventsQuery, Lagged, RecordView, Request, StatsQuery, VmsReply, MAX_REQUEST_ITEMS,
 };
 use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,8 +59,108 @@ pub async fn serve(stream: UnixStream, ctx: Arc<QueryContext>) {
                 send_error(&mut wr, code, message).await;
             }
         }
+        Request::Stats(q) => {
+            if let Err((code, message)) = run_stats(q, &ctx, &mut wr).await {
+                log_events::query_failed(&message);
+                send_error(&mut wr, code, message).await;
+            }
+        }
+        Request::Verify(q) => match run_verify(q, &ctx).await {
+            Ok(reply) => {
+                let _ = wr.write_all(&encode_json(FrameType::Reply, &reply)).await;
+            }
+            Err((code, message)) => {
+                log_events::query_failed(&message);
+                send_error(&mut wr, code, message).await;
+            }
+        },
     }
     let _ = wr.shutdown().await;
+}
+
+/// Answers a verify request: walks each VM's hash chain on a blocking thread, reading
+/// the store as history queries do (one batch in memory at a time), so the committer
+/// goes on committing and trimming meanwhile; [`crate::chain`] allows for both.
+async fn run_verify(
+    q: qlog_rpc::query::VerifyQuery,
+    ctx: &QueryContext,
+) -> Result<qlog_rpc::query::VerifyReply, QueryError> {
+    if q.vms.len() > MAX_REQUEST_ITEMS {
+        return Err((
+            ErrorCode::BadQuery,
+            format!("verify names more than {MAX_REQUEST_ITEMS} VMs"),
+        ));
+    }
+    let store = ctx.store.clone();
+    let mut known = store.chain_vms().map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+    known.extend(ctx.shared.known_vms());
+    known.sort();
+    known.dedup();
+    let unknown: Vec<&str> =
+        q.vms.iter().filter(|v| !known.contains(v)).map(String::as_str).collect();
+    if !unknown.is_empty() {
+        return Err((
+            ErrorCode::UnknownVm,
+            format!("unknown VM {}; known VMs: {}", unknown.join(", "), known.join(", ")),
+        ));
+    }
+    let mut vms = if q.vms.is_empty() { known } else { q.vms.clone() };
+    vms.sort();
+    vms.dedup();
+    let walked = tokio::task::spawn_blocking(move || {
+        vms.iter()
+            .map(|vm| if q.heads_only { store.chain_head(vm) } else { store.verify_chain(vm) })
+            .collect::<Result<Vec<_>, StoreError>>()
+    });
+    match walked.await {
+        Ok(Ok(vms)) => Ok(qlog_rpc::query::VerifyReply { vms }),
+        Ok(Err(e)) => Err((ErrorCode::Internal, e.to_string())),
+        Err(e) => Err((ErrorCode::Internal, format!("verify task failed: {e}"))),
+    }
+}
+
+/// Answers a stats request: one `Reply` frame per VM, then `Done`.
+async fn run_stats(
+    q: StatsQuery,
+    ctx: &QueryContext,
+    wr: &mut OwnedWriteHalf,
+) -> Result<(), QueryError> {
+    if q.vms.len() > MAX_REQUEST_ITEMS || q.gauges.len() > MAX_REQUEST_ITEMS {
+        return Err((ErrorCode::BadQuery, format!("stats names more than {MAX_REQUEST_ITEMS} VMs or gauges")));
+    }
+    if let Some(bad) = q.gauges.iter().find(|g| qlog_rpc::telemetry::gauge_spec(g).is_none()) {
+        return Err((ErrorCode::BadQuery, format!("{bad:?} is not a gauge qlogd records")));
+    }
+    if q.until_usec <= q.since_usec {
+        return Err((ErrorCode::BadQuery, "the stats range is empty: --since must be before --until".into()));
+    }
+    let known = ctx.shared.known_vms();
+    let unknown: Vec<&String> = q.vms.iter().filter(|v| !known.contains(v)).collect();
+    if !unknown.is_empty() {
+        let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        return Err((ErrorCode::UnknownVm, format!("unknown VM {list}; known VMs: {}", known.join(", "))));
+    }
+    let vms = if q.vms.is_empty() { known } else { q.vms.clone() };
+    let store = ctx.store.clone();
+    let replies = tokio::task::spawn_blocking(move || {
+        vms.iter()
+            .map(|vm| {
+                crate::rollup::read_stats(&store, vm, q.since_usec, q.until_usec, q.bucket_minutes, &q.gauges)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()
+    })
+    .await
+    .map_err(|e| (ErrorCode::Internal, format!("stats task failed: {e}")))?
+    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+    let mut sent = 0u64;
+    for reply in &replies {
+        if wr.write_all(&encode_json(FrameType::Reply, reply)).await.is_err() {
+            return Ok(());
+        }
+        sent += 1;
+    }
+    let _ = wr.write_all(&encode_json(FrameType::Done, &Done { matched: sent })).await;
+    Ok(())
 }
 
 async fn send_error(wr: &mut OwnedWriteHalf, code: ErrorCode, message: String) {
@@ -146,7 +246,7 @@ async fn run_events(
         return Ok(());
     }
     let Some(live) = live else { return Ok(()) };
-    follow(live, watermark, &filter, &q.vms, rd, wr).await;
+    follow(live, watermark, &filter, &q.vms, &ctx.shared, rd, wr).await;
     Ok(())
 }
 
@@ -402,6 +502,7 @@ async fn follow(
     watermark: u64,
     filter: &CompiledFilter,
     vms: &[String],
+    shared: &Shared,
     rd: &mut tokio::net::unix::OwnedReadHalf,
     wr: &mut OwnedWriteHalf,
 ) {
@@ -417,6 +518,7 @@ async fn follow(
         let cycle = match cycle {
             Ok(c) => c,
             Err(broadcast::error::RecvError::Lagged(_)) => {
+                shared.follower_lagged();
                 lagging = true;
                 continue;
             }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qlog_rpc::query::{StreamInfo, VmInfo};
+use qlog_rpc::query::{Health, StreamInfo, VmInfo};
 use tokio::sync::broadcast;
 
 use crate::store::{StreamState, VmState};
@@ -43,6 +43,10 @@ pub struct Shared {
     /// Live feed of commit cycles. Sending never blocks; slow followers lag instead.
     live: broadcast::Sender<Arc<Committed>>,
     settings: crate::committer::Settings,
+    /// The committer's latest judgement of every VM.
+    health: Mutex<BTreeMap<String, Health>>,
+    /// Times a follower was told it lagged, since the last own-metrics sample.
+    followers_lagged: AtomicU64,
 }
 
 impl Shared {
@@ -64,7 +68,14 @@ impl Shared {
             events_committed: AtomicU64::new(events),
             live,
             settings,
+            health: Mutex::new(BTreeMap::new()),
+            followers_lagged: AtomicU64::new(0),
         })
+    }
+
+    /// qlogd's settings; ingest reads each VM's rate limit here.
+    pub fn settings(&self) -> &crate::committer::Settings {
+        &self.settings
     }
 
     pub fn committed_batch_id(&self) -> u64 {
@@ -102,6 +113,27 @@ impl Shared {
         }
     }
 
+    pub fn set_health(&self, health: BTreeMap<String, Health>) {
+        *self.health.lock().expect("health table lock is never poisoned") = health;
+    }
+
+    /// A follower was skipped ahead because it fell behind.
+    pub fn follower_lagged(&self) {
+        self.followers_lagged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (open ingest connections, live followers, lag notices since the last call), for
+    /// qlogd's own metrics.
+    pub fn own_counts(&self) -> (usize, usize, u64) {
+        let conns: usize = self
+            .connections
+            .lock()
+            .expect("connection table lock is never poisoned")
+            .values()
+            .sum();
+        (conns, self.live.receiver_count(), self.followers_lagged.swap(0, Ordering::Relaxed))
+    }
+
     pub fn events_committed(&self) -> u64 {
         self.events_committed.load(Ordering::Acquire)
     }
@@ -124,6 +156,7 @@ impl Shared {
         }
         let streams = self.streams.lock().expect("stream table lock is never poisoned").clone();
         let conns = self.connections.lock().expect("connection table lock is never poisoned");
+        let health = self.health.lock().expect("health table lock is never poisoned").clone();
         vms.into_iter()
             .map(|(vm, s)| {
                 let quota_bytes = self.settings.quota(&vm);
@@ -138,6 +171,7 @@ impl Shared {
                     })
                     .collect();
                 VmInfo {
+                    health: health.get(&vm).cloned().unwrap_or_default(),
                     connected: streams.iter().any(|s| s.connected),
                     vm,
                     first_seen_usec: s.first_seen_usec,
@@ -150,6 +184,7 @@ impl Shared {
                     events_expired: s.events_expired,
                     frames_rejected: s.frames_rejected,
                     fields_quarantined: s.fields_quarantined,
+                    events_refused_rate: s.events_refused_rate,
                     streams,
                 }
             })

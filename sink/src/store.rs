@@ -7,10 +7,12 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `E` vm `\0` first_usec(u64 BE) batch_id(u64 BE) | where the batch is: [`BatchInfo`], 40 bytes |
+//! | `E` vm `\0` first_usec(u64 BE) batch_id(u64 BE) | where the batch is and its chain link: [`BatchInfo`], 113 bytes (40 if written before the chain) |
 //! | `S` vm `\0` stream | [`StreamState`] as JSON |
 //! | `V` vm | [`VmState`] as JSON |
+//! | `C` vm | the VM's hash chain: [`ChainState`], 81 bytes |
 //! | `M` name | store metadata |
+//! | `R` vm `\0` minute(u64 BE) | that VM's telemetry rollup for the minute, as JSON (written by `rollup.rs`) |
 //!
 //! Index keys sort by (VM, receive time, batch id), so one VM's time range is one range
 //! scan and its oldest events are at the front of its range. The committer stamps
@@ -24,23 +26,70 @@
 //! Durability order: segment bytes are written and `fdatasync`ed before the index that
 //! points at them is applied and flushed. A crash in between leaves unindexed bytes at
 //! the end of a segment, which [`StoreWriter::open`] cuts off; a crash after an index
-//! deletion leaves unreferenced segment files, which it removes.
+//! deletion leaves unreferenced segment files, which it removes. Neither was ever
+//! acknowledged; what open repaired is reported ([`RepairReport`]), and indexed bytes
+//! found missing are reported apart, as acknowledged data lost. A commit that would
+//! leave less than [`DISK_RESERVE_BYTES`] free is refused before anything is written,
+//! so a full disk stops segment appends and never reaches sled.
+//!
+//! # The hash chain
+//!
+//! Every batch a VM stores extends that VM's chain ([`crate::chain`] computes and walks
+//! it): its link is `SHA-256("qlog-chain-v1\0" || previous link || vm_len(u32) || vm ||
+//! batch_id || position || first_usec || last_usec || count(u32) || len(u32) ||
+//! SHA-256(stored bytes))`, integers big-endian (u64 unless marked), where `position`
+//! numbers the VM's chained batches from 0 and the first previous link is 32 zero bytes.
+//! A chained index entry is the 40 bytes of location and counts, then version 1 (one
+//! byte), the position (u64), the content hash and the link. The VM's [`ChainState`]
+//! (`C` vm: version 1, head, anchor, trimmed, end) is written in the same `apply_batch`
+//! as the batches and deletions that change it, so a crash never leaves the two apart,
+//! and crash repair only cuts bytes no entry covers.
+//!
+//! Trimming (quota, retention) removes a VM's oldest batches; the link of the newest
+//! removed one becomes the VM's *anchor*, and `trimmed`, the position of the oldest batch
+//! still stored, moves past it. Verification starts at the anchor and position
+//! `trimmed`, recomputes every stored batch's content hash and link in key order, and
+//! must end at the head at position `end - 1`: a batch changed, removed, reordered or
+//! added anywhere after the anchor, or the newest ones removed, breaks a hash, a
+//! position or the head. Deletions must be a VM's oldest batches, as trims are.
+//!
+//! The chain is unkeyed: it shows changes by anyone who did not also recompute the links
+//! after the change and rewrite `C` vm. Against root in the log qube who does, it is as
+//! good as a head recorded elsewhere (a saved `qlog verify`, a bundle's manifest) and
+//! compared later. FIXME(unkeyed chain): a key kept outside the log qube, or heads sent
+//! out periodically, would close that; it needs somewhere to keep them.
+//!
+//! Stores made before the chain keep working. The first writer to open one records
+//! `Mchain_since`, the first batch id it will write; older 40-byte entries are reported
+//! as unchained and not checked, and a 40-byte entry at or past `chain_since` (or after
+//! a chained one) is a break. The upgrade is one-way: a qlogd from before the chain
+//! rejects 113-byte entries as corrupt.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use qlog_rpc::query::Record;
+use qlog_rpc::query::VmChain;
 use qlog_rpc::Limits;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::chain::{self, ChainLink, ChainState, CHAIN_STATE_LEN};
+
 const BATCH_VERSION: u8 = 1;
 const BATCH_HEADER_LEN: usize = 25;
 const INDEX_VALUE_LEN: usize = 40;
+/// Index entries with a chain link: the 40 bytes, version, position, content hash, link.
+const INDEX_VALUE_CHAINED_LEN: usize = INDEX_VALUE_LEN + 1 + 8 + 32 + 32;
+const INDEX_CHAIN_VERSION: u8 = 1;
+/// The first batch id written with a chain link (see the module docs).
+const CHAIN_SINCE_KEY: &[u8] = b"Mchain_since";
 /// Largest uncompressed batch we agree to inflate, so a corrupted header cannot make a
 /// query allocate without bound.
 const MAX_BATCH_RAW_LEN: u32 = 256 * 1024 * 1024;
@@ -62,6 +111,47 @@ pub enum StoreError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("stored batch {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("no room for a commit in {path}: {free} bytes free, {needed} needed (with {DISK_RESERVE_BYTES} kept for the index); free space or lower the quotas")]
+    DiskFull { path: PathBuf, free: u64, needed: u64 },
+}
+
+impl StoreError {
+    /// True if and only if the store cannot be written again without reopening: sled
+    /// keeps failing every operation after one failed write (a full disk, say).
+    pub fn needs_reopen(&self) -> bool {
+        matches!(self, StoreError::Sled { .. })
+    }
+}
+
+/// Free space a commit that adds batches leaves untouched, for sled's log and its
+/// own rewrites. sled records an IO error during a flush as a global error and fails
+/// every later operation with it, so a full disk must stop us before sled meets it:
+/// commits that add data are refused while less than this would remain, and only
+/// deletions (quota, retention), which free space, go through.
+pub const DISK_RESERVE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// What [`StoreWriter::open`] had to repair. A `kill -9` or power loss between a
+/// segment write and its index flush leaves unindexed bytes and unreferenced files:
+/// those were never acknowledged, and cutting them is routine. Indexed bytes that are
+/// missing are acknowledged data lost, which only damage to the disk explains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Segments cut back to their last indexed byte, and the bytes cut.
+    pub cut_segments: u64,
+    pub cut_bytes: u64,
+    /// Segment files no index entry refers to (a crash before the first index entry of a
+    /// new segment, or before trimmed segments were deleted), removed.
+    pub removed_segments: u64,
+    /// Segments shorter than their index says (or gone), and the indexed bytes missing.
+    pub missing_segments: u64,
+    pub missing_bytes: u64,
+}
+
+impl RepairReport {
+    /// True if and only if no indexed (possibly acknowledged) byte was found missing.
+    pub fn acked_data_intact(&self) -> bool {
+        self.missing_segments == 0 && self.missing_bytes == 0
+    }
 }
 
 /// What the sink remembers about one (VM, stream) between connections.
@@ -87,6 +177,11 @@ pub struct VmState {
     pub events_expired: u64,
     pub frames_rejected: u64,
     pub fields_quarantined: u64,
+    /// Events and gap reports refused because the VM was over its rate limit (never
+    /// stored; each refusal is also a `rate` gap record). Absent in stores written
+    /// before rate limits existed.
+    #[serde(default)]
+    pub events_refused_rate: u64,
 }
 
 /// One stored batch as the index describes it.
@@ -99,6 +194,9 @@ pub struct BatchInfo {
     pub count: u32,
     pub first_usec: u64,
     pub last_usec: u64,
+    /// The batch's place in its VM's hash chain; `None` for a batch stored before the
+    /// store had a chain.
+    pub chain: Option<ChainLink>,
 }
 
 impl BatchInfo {
@@ -133,6 +231,10 @@ pub struct CommitSet {
     /// Index keys of batches to remove.
     pub deletes: Vec<Vec<u8>>,
     pub next_batch_id: u64,
+    /// Other keys written in the same atomic apply (telemetry rollups), and keys of that
+    /// kind to remove; see [`Store::get_aux`].
+    pub aux: Vec<(Vec<u8>, Vec<u8>)>,
+    pub aux_deletes: Vec<Vec<u8>>,
 }
 
 /// Read access to the store, shared by the committer and every query.
@@ -174,9 +276,102 @@ impl Store {
         StoreError::Sled { path: self.path.clone(), source }
     }
 
+    /// The value under a key that is not part of the batch index (a rollup), if any.
+    pub fn get_aux(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key).map_err(|e| self.sled_err(e))?.map(|v| v.to_vec()))
+    }
+
+    /// Keys and values in `[from, to)` of such a keyspace, in key order.
+    pub fn range_aux(
+        &self,
+        from: &[u8],
+        to: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        self.db
+            .range(from.to_vec()..to.to_vec())
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.sled_err(e)))
+    }
+
     pub fn next_batch_id(&self) -> Result<u64, StoreError> {
         let v = self.db.get(b"Mnext_batch_id").map_err(|e| self.sled_err(e))?;
         Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map_or(1, u64::from_be_bytes))
+    }
+
+    /// The first batch id written with a chain link: batches before it are unchained.
+    /// For a store no chained writer has opened yet, every stored batch is before it.
+    pub fn chain_since(&self) -> Result<u64, StoreError> {
+        match self.db.get(CHAIN_SINCE_KEY).map_err(|e| self.sled_err(e))? {
+            Some(v) => Ok(<[u8; 8]>::try_from(v.as_ref()).map_or(1, u64::from_be_bytes)),
+            None => self.next_batch_id(),
+        }
+    }
+
+    /// `vm`'s chain state; `None` if it has none, or it does not decode.
+    pub fn chain_state(&self, vm: &str) -> Result<Option<ChainState>, StoreError> {
+        let v = self.db.get(chain_key(vm)).map_err(|e| self.sled_err(e))?;
+        Ok(v.and_then(|v| ChainState::decode(&v)))
+    }
+
+    /// Every VM with a chain state or a stored batch, sorted.
+    pub fn chain_vms(&self) -> Result<Vec<String>, StoreError> {
+        let mut vms = Vec::new();
+        for item in self.db.scan_prefix(b"C") {
+            let (k, _) = item.map_err(|e| self.sled_err(e))?;
+            if let Ok(vm) = String::from_utf8(k[1..].to_vec()) {
+                vms.push(vm);
+            }
+        }
+        // One seek per VM: after a VM's first key, jump past all of its keys.
+        let mut from = b"E".to_vec();
+        while let Some(item) = self.db.range(from.clone()..).next() {
+            let (k, _) = item.map_err(|e| self.sled_err(e))?;
+            if !k.starts_with(b"E") {
+                break;
+            }
+            match split_batch_key_vm(&k) {
+                Some(vm) => {
+                    from = batch_prefix(&vm);
+                    *from.last_mut().expect("prefixes end in NUL") = 1;
+                    vms.push(vm);
+                }
+                None => {
+                    from = k.to_vec();
+                    from.push(0xff);
+                }
+            }
+        }
+        vms.sort();
+        vms.dedup();
+        Ok(vms)
+    }
+
+    /// Walks `vm`'s chain and recomputes every link (see [`chain::verify`]).
+    pub fn verify_chain(&self, vm: &str) -> Result<VmChain, StoreError> {
+        chain::verify(self, vm)
+    }
+
+    /// `vm`'s recorded chain head and anchor, reading no batch.
+    pub fn chain_head(&self, vm: &str) -> Result<VmChain, StoreError> {
+        chain::head(self, vm)
+    }
+
+    /// One batch's stored bytes, as they were hashed. Unlike a query's read, the length
+    /// is checked against the file first, so a damaged entry cannot make it allocate.
+    pub fn read_stored(&self, vm: &str, info: &BatchInfo) -> Result<Vec<u8>, StoreError> {
+        let path = self.segment_path(vm, info.segment);
+        let read_err = |source| StoreError::Read { path: path.clone(), source };
+        let file = File::open(&path).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        if info.offset.saturating_add(u64::from(info.len)) > len {
+            let short = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file holds only {len} bytes"),
+            );
+            return Err(read_err(short));
+        }
+        let mut value = vec![0u8; info.len as usize];
+        file.read_exact_at(&mut value, info.offset).map_err(read_err)?;
+        Ok(value)
     }
 
     pub fn load_streams(&self) -> Result<HashMap<(String, String), StreamState>, StoreError> {
@@ -374,15 +569,30 @@ pub struct StoreWriter {
     active: HashMap<String, ActiveSegment>,
     /// A VM starts a new segment file once its current one reaches this size.
     segment_bytes: u64,
+    /// What opening repaired.
+    repair: RepairReport,
+    /// True if and only if the last commit applied its index but its flush failed: the
+    /// retry of the same set then only flushes, rather than append its batches twice.
+    unflushed: bool,
+    /// Every VM's chain as committed; a commit extends copies and keeps them only once
+    /// its index is applied.
+    chains: HashMap<String, ChainState>,
 }
 
 impl StoreWriter {
     /// Opens the write side and repairs what a crash can leave: unindexed bytes at the end
     /// of segments, and segment files no index entry refers to.
     pub fn open(store: Store, segment_bytes: u64) -> Result<StoreWriter, StoreError> {
-        let mut writer =
-            StoreWriter { store, active: HashMap::new(), segment_bytes: segment_bytes.max(1) };
-        writer.recover()?;
+        let mut writer = StoreWriter {
+            store,
+            active: HashMap::new(),
+            segment_bytes: segment_bytes.max(1),
+            repair: RepairReport::default(),
+            unflushed: false,
+            chains: HashMap::new(),
+        };
+        writer.repair = writer.recover()?;
+        writer.open_chains()?;
         Ok(writer)
     }
 
@@ -390,17 +600,54 @@ impl StoreWriter {
         &self.store
     }
 
-    fn recover(&mut self) -> Result<(), StoreError> {
-        let Ok(dirs) = std::fs::read_dir(&self.store.segments) else { return Ok(()) };
-        for dir in dirs.flatten() {
+    /// What opening had to repair.
+    pub fn repair(&self) -> &RepairReport {
+        &self.repair
+    }
+
+    /// Loads every VM's chain state and, on the first open of a store made before the
+    /// chain, records which batch ids predate it.
+    fn open_chains(&mut self) -> Result<(), StoreError> {
+        for item in self.store.db.scan_prefix(b"C") {
+            let (k, v) = item.map_err(|e| self.store.sled_err(e))?;
+            let Ok(vm) = String::from_utf8(k[1..].to_vec()) else { continue };
+            let Some(state) = ChainState::decode(&v) else {
+                return Err(StoreError::Corrupt {
+                    key: hex(&k),
+                    reason: format!(
+                        "the chain state of {vm} has {} bytes, not {CHAIN_STATE_LEN} of version 1 (a newer qlogd's, or damage)",
+                        v.len()
+                    ),
+                });
+            };
+            self.chains.insert(vm, state);
+        }
+        if self.store.db.get(CHAIN_SINCE_KEY).map_err(|e| self.store.sled_err(e))?.is_none() {
+            let since = self.store.next_batch_id()?;
+            self.store
+                .db
+                .insert(CHAIN_SINCE_KEY, &since.to_be_bytes())
+                .map_err(|e| self.store.sled_err(e))?;
+            self.store.db.flush().map_err(|e| self.store.sled_err(e))?;
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self) -> Result<RepairReport, StoreError> {
+        let mut report = RepairReport::default();
+        // Where each referenced segment's indexed data ends, by VM, from one index scan.
+        let mut ends: HashMap<String, HashMap<u64, u64>> = HashMap::new();
+        for item in self.store.db.scan_prefix(b"E") {
+            let (k, v) = item.map_err(|e| self.store.sled_err(e))?;
+            let info = decode_index(&k, &v)?;
+            let Some(vm) = split_batch_key_vm(&k) else { continue };
+            let end = ends.entry(vm).or_default().entry(info.segment).or_default();
+            *end = (*end).max(info.offset + u64::from(info.len));
+        }
+
+        let dirs = std::fs::read_dir(&self.store.segments).into_iter().flatten().flatten();
+        for dir in dirs {
             let Ok(vm) = dir.file_name().into_string() else { continue };
-            // Where each referenced segment's indexed data ends.
-            let mut ends: HashMap<u64, u64> = HashMap::new();
-            for info in self.store.batches(&vm) {
-                let info = info?;
-                let end = ends.entry(info.segment).or_default();
-                *end = (*end).max(info.offset + u64::from(info.len));
-            }
             let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
             for f in files.flatten() {
                 let name = f.file_name();
@@ -412,51 +659,102 @@ impl StoreWriter {
                     continue;
                 };
                 let path = f.path();
-                match ends.get(&id) {
+                let write_err = |source| StoreError::Write { path: path.clone(), source };
+                match ends.get(&vm).and_then(|e| e.get(&id)) {
                     None => {
-                        let _ = std::fs::remove_file(&path);
+                        if std::fs::remove_file(&path).is_ok() {
+                            report.removed_segments += 1;
+                        }
                     }
                     Some(&end) => {
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(|source| StoreError::Write { path: path.clone(), source })?;
-                        if file.metadata().map(|m| m.len()).unwrap_or(0) > end {
-                            file.set_len(end).map_err(|source| StoreError::Write {
-                                path: path.clone(),
-                                source,
-                            })?;
-                            file.sync_all().map_err(|source| StoreError::Write {
-                                path: path.clone(),
-                                source,
-                            })?;
+                        let file = OpenOptions::new().write(true).open(&path).map_err(write_err)?;
+                        let len = file.metadata().map_err(write_err)?.len();
+                        if len > end {
+                            file.set_len(end).map_err(write_err)?;
+                            file.sync_all().map_err(write_err)?;
+                            report.cut_segments += 1;
+                            report.cut_bytes += len - end;
                         }
                     }
                 }
             }
         }
-        Ok(())
+
+        // Indexed bytes that are not there: nothing above can cause it, so only report.
+        for (vm, segments) in &ends {
+            for (&id, &end) in segments {
+                let len = std::fs::metadata(self.store.segment_path(vm, id)).map_or(0, |m| m.len());
+                if len < end {
+                    report.missing_segments += 1;
+                    report.missing_bytes += end - len;
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Makes one commit cycle durable: segment bytes first, then the index.
     ///
     /// On error nothing is indexed and the segments are cut back, so the same set can be
     /// committed again.
+    ///
+    /// If the index was applied and only its flush failed, the segments are kept (the
+    /// applied index points at them, and sled may yet write it) and the retry, which must
+    /// pass the same set, only flushes.
     pub fn commit(&mut self, set: &CommitSet) -> Result<(), StoreError> {
-        let mut before: Vec<(String, u64, u64)> = Vec::new();
-        let result = self.write(set, &mut before);
-        if result.is_err() {
-            for (vm, id, len) in before {
-                if let Some(seg) = self.active.get_mut(&vm) {
-                    if seg.id == id {
-                        let _ = seg.file.set_len(len);
-                        seg.len = len;
-                    }
+        if !self.unflushed {
+            let mut before: Vec<(String, u64, u64)> = Vec::new();
+            if let Err(error) = self.write(set, &mut before) {
+                self.roll_back(&before);
+                return Err(error);
+            }
+            self.unflushed = true;
+        }
+        self.store.db.flush().map_err(|e| self.store.sled_err(e))?;
+        self.unflushed = false;
+        self.remove_dead_segments(set);
+        Ok(())
+    }
+
+    /// Cuts the segments a failed write touched back to where they were. The next
+    /// offset is then taken from the file itself: appends land at the file's real end,
+    /// so if the cut failed too (bytes of the failed write stay, unindexed), the index
+    /// must still point where the bytes go.
+    fn roll_back(&mut self, before: &[(String, u64, u64)]) {
+        for (vm, id, len) in before {
+            let Some(seg) = self.active.get_mut(vm) else { continue };
+            if seg.id != *id {
+                continue;
+            }
+            let _ = seg.file.set_len(*len);
+            match seg.file.metadata() {
+                Ok(meta) => seg.len = meta.len(),
+                // Reopened, and measured again, on the next write.
+                Err(_) => {
+                    self.active.remove(vm);
                 }
             }
         }
-        result?;
-        self.remove_dead_segments(set);
+    }
+
+    /// Refuses a commit that adds `incoming` bytes unless [`DISK_RESERVE_BYTES`] would
+    /// still be free after it.
+    fn check_free_space(&self, incoming: u64) -> Result<(), StoreError> {
+        let path = CString::new(self.store.segments.as_os_str().as_bytes())
+            .expect("the state dir path holds no NUL");
+        // SAFETY: statvfs is plain data, and zeroed is a valid value for it.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the path is a valid C string and `stat` is valid for writes.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            // Unknown free space is no reason to stop; a real shortage still fails the
+            // write itself.
+            return Ok(());
+        }
+        let free = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
+        let needed = incoming.saturating_add(DISK_RESERVE_BYTES);
+        if free < needed {
+            return Err(StoreError::DiskFull { path: self.store.segments.clone(), free, needed });
+        }
         Ok(())
     }
 
@@ -465,10 +763,16 @@ impl StoreWriter {
         set: &CommitSet,
         before: &mut Vec<(String, u64, u64)>,
     ) -> Result<(), StoreError> {
+        let incoming: u64 = set.batches.iter().map(|b| b.value.len() as u64).sum();
+        if incoming > 0 {
+            self.check_free_space(incoming)?;
+        }
         // A handle of our own, so paths can be named while a segment is borrowed.
         let store = self.store.clone();
         let mut index = sled::Batch::default();
         let mut touched: Vec<String> = Vec::new();
+        // The chains this commit changes, extended from the committed ones.
+        let mut chains: HashMap<String, ChainState> = HashMap::new();
         for b in &set.batches {
             let seg = self.segment_for(&b.vm, b.batch_id)?;
             if !before.iter().any(|(vm, id, _)| *vm == b.vm && *id == seg.id) {
@@ -480,7 +784,7 @@ impl StoreWriter {
             })?;
             let offset = seg.len;
             seg.len += b.value.len() as u64;
-            let info = BatchInfo {
+            let mut info = BatchInfo {
                 key: batch_key(&b.vm, b.first_usec, b.batch_id),
                 segment: seg.id,
                 offset,
@@ -488,8 +792,12 @@ impl StoreWriter {
                 count: b.count,
                 first_usec: b.first_usec,
                 last_usec: b.last_usec,
+                chain: None,
             };
-            index.insert(info.key.clone(), encode_index(&info).to_vec());
+            let committed = self.chains.get(&b.vm).copied().unwrap_or_default();
+            let state = chains.entry(b.vm.clone()).or_insert(committed);
+            info.chain = Some(state.append(&b.vm, &info, chain::content_hash(&b.value)));
+            index.insert(info.key.clone(), encode_index(&info));
             if !touched.contains(&b.vm) {
                 touched.push(b.vm.clone());
             }
@@ -509,12 +817,34 @@ impl StoreWriter {
             let json = serde_json::to_vec(state).expect("vm state serialises");
             index.insert(vm_key(vm), json);
         }
+        // Trims move the anchor past the batches they remove (see the module docs).
         for key in &set.deletes {
+            let Some(vm) = split_batch_key_vm(key) else { continue };
+            let Some(value) = self.store.db.get(key).map_err(|e| self.store.sled_err(e))? else {
+                continue;
+            };
+            let Ok(BatchInfo { chain: Some(link), .. }) = decode_index(key, &value) else {
+                continue;
+            };
+            let committed = self.chains.get(&vm).copied().unwrap_or_default();
+            chains.entry(vm).or_insert(committed).trim(&link);
+        }
+        for (vm, state) in &chains {
+            index.insert(chain_key(vm), state.encode().to_vec());
+        }
+        for key in &set.deletes {
+            index.remove(key.as_slice());
+        }
+        for (key, value) in &set.aux {
+            index.insert(key.as_slice(), value.as_slice());
+        }
+        for key in &set.aux_deletes {
             index.remove(key.as_slice());
         }
         index.insert(b"Mnext_batch_id".as_slice(), &set.next_batch_id.to_be_bytes());
         self.store.db.apply_batch(index).map_err(|e| self.store.sled_err(e))?;
-        self.store.db.flush().map_err(|e| self.store.sled_err(e))?;
+        // Applied: a retry after a failed flush only flushes, so this is the chain now.
+        self.chains.extend(chains);
         Ok(())
     }
 
@@ -603,24 +933,45 @@ fn inflate(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
         .map_err(|e| corrupt(format!("zstd: {e}")))
 }
 
-fn encode_index(info: &BatchInfo) -> [u8; INDEX_VALUE_LEN] {
-    let mut v = [0u8; INDEX_VALUE_LEN];
-    v[0..8].copy_from_slice(&info.segment.to_be_bytes());
-    v[8..16].copy_from_slice(&info.offset.to_be_bytes());
-    v[16..20].copy_from_slice(&info.len.to_be_bytes());
-    v[20..24].copy_from_slice(&info.count.to_be_bytes());
-    v[24..32].copy_from_slice(&info.first_usec.to_be_bytes());
-    v[32..40].copy_from_slice(&info.last_usec.to_be_bytes());
+fn encode_index(info: &BatchInfo) -> Vec<u8> {
+    let mut v = Vec::with_capacity(INDEX_VALUE_CHAINED_LEN);
+    v.extend_from_slice(&info.segment.to_be_bytes());
+    v.extend_from_slice(&info.offset.to_be_bytes());
+    v.extend_from_slice(&info.len.to_be_bytes());
+    v.extend_from_slice(&info.count.to_be_bytes());
+    v.extend_from_slice(&info.first_usec.to_be_bytes());
+    v.extend_from_slice(&info.last_usec.to_be_bytes());
+    if let Some(chain) = &info.chain {
+        v.push(INDEX_CHAIN_VERSION);
+        v.extend_from_slice(&chain.position.to_be_bytes());
+        v.extend_from_slice(&chain.content);
+        v.extend_from_slice(&chain.link);
+    }
     v
 }
 
 fn decode_index(key: &[u8], v: &[u8]) -> Result<BatchInfo, StoreError> {
-    if v.len() != INDEX_VALUE_LEN || key.len() < 18 {
+    if v.len() > INDEX_VALUE_LEN && v[INDEX_VALUE_LEN] > INDEX_CHAIN_VERSION {
+        let reason = format!(
+            "index entry version {} is newer than this qlogd's {INDEX_CHAIN_VERSION} (upgrade qlogd)",
+            v[INDEX_VALUE_LEN]
+        );
+        return Err(StoreError::Corrupt { key: hex(key), reason });
+    }
+    let chained = v.len() == INDEX_VALUE_CHAINED_LEN && v[INDEX_VALUE_LEN] == INDEX_CHAIN_VERSION;
+    if !(chained || v.len() == INDEX_VALUE_LEN) || key.len() < 18 {
         return Err(StoreError::Corrupt { key: hex(key), reason: "bad index entry".into() });
     }
     let u64_at = |at: usize| u64::from_be_bytes(v[at..at + 8].try_into().expect("in entry"));
     let u32_at = |at: usize| u32::from_be_bytes(v[at..at + 4].try_into().expect("in entry"));
+    let hash_at = |at: usize| -> chain::Hash { v[at..at + 32].try_into().expect("in entry") };
+    let chain = chained.then(|| ChainLink {
+        position: u64_at(INDEX_VALUE_LEN + 1),
+        content: hash_at(INDEX_VALUE_LEN + 9),
+        link: hash_at(INDEX_VALUE_LEN + 41),
+    });
     Ok(BatchInfo {
+        chain,
         key: key.to_vec(),
         segment: u64_at(0),
         offset: u64_at(8),
@@ -662,6 +1013,12 @@ fn stream_key(vm: &str, stream: &str) -> Vec<u8> {
 
 fn vm_key(vm: &str) -> Vec<u8> {
     let mut k = vec![b'V'];
+    k.extend_from_slice(vm.as_bytes());
+    k
+}
+
+fn chain_key(vm: &str) -> Vec<u8> {
+    let mut k = vec![b'C'];
     k.extend_from_slice(vm.as_bytes());
     k
 }
@@ -807,8 +1164,37 @@ mod tests {
         let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
         assert!(!dir.path().join("segments/a/00000000000000ff.seg").exists());
+        let repaired = RepairReport {
+            cut_segments: 1,
+            cut_bytes: 10,
+            removed_segments: 1,
+            ..RepairReport::default()
+        };
+        assert_eq!(w.repair(), &repaired);
+        assert!(w.repair().acked_data_intact(), "nothing indexed was cut");
         commit_batches(&mut w, vec![("a".into(), 2, vec![record("a", 2, 2)])], vec![]);
         assert_eq!(seqs(&store, "a", None, None, false), vec![1, 2]);
+    }
+
+    #[test]
+    fn reopening_reports_indexed_bytes_that_are_missing() {
+        let dir = tempdir();
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let mut w = StoreWriter::open(store, 1 << 20).unwrap();
+            commit_batches(&mut w, vec![("a".into(), 1, vec![record("a", 1, 1)])], vec![]);
+            assert_eq!(w.repair(), &RepairReport::default(), "a fresh store needs nothing");
+        }
+        // What only damage can do: indexed bytes gone.
+        let seg = dir.path().join("segments/a/0000000000000001.seg");
+        let len = std::fs::metadata(&seg).unwrap().len();
+        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 3).unwrap();
+
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let w = StoreWriter::open(store, 1 << 20).unwrap();
+        assert_eq!(w.repair().missing_segments, 1);
+        assert_eq!(w.repair().missing_bytes, 3);
+        assert!(!w.repair().acked_data_intact());
     }
 
     #[test]
@@ -831,6 +1217,183 @@ mod tests {
         value[mid] ^= 0xff;
         assert!(decode_batch(&key, &value).is_err());
         assert!(decode_batch(&key, &b.value[..10]).is_err());
+    }
+
+    /// Commits one batch per id for `vm`, each with one record at time `id * 10`.
+    fn chain_of(w: &mut StoreWriter, vm: &str, ids: std::ops::RangeInclusive<u64>) {
+        for id in ids {
+            commit_batches(w, vec![(vm.into(), id, vec![record(vm, id * 10, id)])], vec![]);
+        }
+    }
+
+    fn intact(store: &Store, vm: &str) -> VmChain {
+        let report = store.verify_chain(vm).unwrap();
+        assert_eq!(report.first_break, None, "{report:?}");
+        assert_eq!(report.broken_links, 0, "{report:?}");
+        report
+    }
+
+    fn first_break(store: &Store, vm: &str) -> qlog_rpc::query::ChainBreak {
+        let report = store.verify_chain(vm).unwrap();
+        match report.first_break {
+            Some(b) => b,
+            None => panic!("{vm} verifies clean: {report:?}"),
+        }
+    }
+
+    #[test]
+    fn every_commit_extends_its_vms_chain_and_trims_move_the_anchor() {
+        let dir = tempdir();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1).unwrap();
+        chain_of(&mut w, "a", 1..=4);
+        chain_of(&mut w, "b", 5..=6);
+        let a: Vec<BatchInfo> = store.batches("a").map(Result::unwrap).collect();
+        let links: Vec<ChainLink> = a.iter().map(|b| b.chain.unwrap()).collect();
+        assert_eq!(links.iter().map(|l| l.position).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        let first = chain::link(&chain::GENESIS, "a", &a[0], 0, &links[0].content);
+        assert_eq!(links[0].link, first);
+        assert_eq!(links[1].link, chain::link(&first, "a", &a[1], 1, &links[1].content));
+        let report = intact(&store, "a");
+        assert_eq!((report.batches_checked, report.trimmed, report.length), (4, 0, 4));
+        assert_eq!(report.head, chain::hex(&links[3].link));
+        assert_eq!(report.anchor, chain::hex(&chain::GENESIS));
+
+        // Trim a's two oldest, as quota does, in the same commit as a new batch.
+        let old = a[..2].iter().map(|b| b.key.clone()).collect();
+        commit_batches(&mut w, vec![("a".into(), 7, vec![record("a", 70, 7)])], old);
+        let report = intact(&store, "a");
+        assert_eq!((report.batches_checked, report.trimmed, report.length), (3, 2, 5));
+        assert_eq!(report.anchor, chain::hex(&links[1].link));
+        assert_eq!(intact(&store, "b").batches_checked, 2);
+
+        // The chain is in the store, not in the writer: a reopened one continues it.
+        drop(w);
+        drop(store);
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1).unwrap();
+        chain_of(&mut w, "a", 8..=8);
+        let all = store.batches("a").map(Result::unwrap).map(|b| b.key).collect();
+        commit_batches(&mut w, vec![], all);
+        let report = intact(&store, "a");
+        assert_eq!((report.batches_checked, report.trimmed, report.length), (0, 6, 6));
+        assert_eq!(report.head, report.anchor, "a fully trimmed chain ends at its anchor");
+        assert_eq!(store.chain_vms().unwrap(), ["a", "b"]);
+    }
+
+    #[test]
+    fn verify_names_the_first_broken_link() {
+        use qlog_rpc::query::BreakKind;
+        let setup = || {
+            let dir = tempdir();
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            // Tiny segments: every batch in a file of its own.
+            let mut w = StoreWriter::open(store.clone(), 1).unwrap();
+            chain_of(&mut w, "a", 1..=4);
+            chain_of(&mut w, "b", 5..=6);
+            let a: Vec<BatchInfo> = store.batches("a").map(Result::unwrap).collect();
+            (dir, store, a)
+        };
+
+        // A byte of the second batch's stored bytes.
+        let (dir, store, a) = setup();
+        let seg = dir.path().join(format!("segments/a/{:016x}.seg", a[1].segment));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[BATCH_HEADER_LEN + 2] ^= 1;
+        std::fs::write(&seg, bytes).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::ContentMismatch, Some(2), 1));
+        assert_eq!(store.verify_chain("a").unwrap().broken_links, 1, "the walk resumes");
+        intact(&store, "b");
+
+        // The second batch's index entry.
+        let (_dir, store, a) = setup();
+        store.db.remove(&a[1].key).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::MissingBatch, Some(3), 1));
+
+        // The newest batch's entry: only the head can tell.
+        let (_dir, store, a) = setup();
+        store.db.remove(&a[3].key).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::HeadMismatch, None, 3));
+
+        // Two batches swapped in the index.
+        let (_dir, store, a) = setup();
+        let v1 = store.db.get(&a[1].key).unwrap().unwrap();
+        let v2 = store.db.get(&a[2].key).unwrap().unwrap();
+        store.db.insert(&a[1].key, v2).unwrap();
+        store.db.insert(&a[2].key, v1).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::MissingBatch, Some(2), 1));
+
+        // A count changed in an entry: its link no longer follows.
+        let (_dir, store, a) = setup();
+        let mut v = store.db.get(&a[2].key).unwrap().unwrap().to_vec();
+        v[23] ^= 1;
+        store.db.insert(&a[2].key, v).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::LinkMismatch, Some(3), 2));
+
+        // A segment cut short.
+        let (dir, store, a) = setup();
+        let seg = dir.path().join(format!("segments/a/{:016x}.seg", a[0].segment));
+        let file = OpenOptions::new().write(true).open(seg).unwrap();
+        file.set_len(u64::from(a[0].len) - 1).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::MissingBytes, Some(1), 0));
+
+        // A batch added behind the sink's back, chained correctly but past the head.
+        let (_dir, store, a) = setup();
+        let mut forged = a[3].clone();
+        forged.key = batch_key("a", 1000, 99);
+        let mut link = forged.chain.unwrap();
+        link.position = 4;
+        link.link = chain::link(&a[3].chain.unwrap().link, "a", &forged, 4, &link.content);
+        forged.chain = Some(link);
+        store.db.insert(&forged.key, encode_index(&forged)).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!((b.kind, b.batch_id, b.position), (BreakKind::BeyondHead, Some(99), 4));
+    }
+
+    #[test]
+    fn batches_from_before_the_chain_are_unchained_and_the_chain_starts_after_them() {
+        let dir = tempdir();
+        {
+            // What a qlogd from before the chain left: a 40-byte entry and its segment.
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let b = Store::encode_batch("a", 1, &[record("a", 10, 1)]);
+            std::fs::create_dir_all(dir.path().join("segments/a")).unwrap();
+            std::fs::write(dir.path().join("segments/a/0000000000000001.seg"), &b.value).unwrap();
+            let info = BatchInfo {
+                key: batch_key("a", 10, 1),
+                segment: 1,
+                offset: 0,
+                len: b.value.len() as u32,
+                count: 1,
+                first_usec: 10,
+                last_usec: 10,
+                chain: None,
+            };
+            assert_eq!(encode_index(&info).len(), INDEX_VALUE_LEN);
+            store.db.insert(&info.key, encode_index(&info)).unwrap();
+            store.db.insert(b"Mnext_batch_id", &2u64.to_be_bytes()).unwrap();
+            assert_eq!(store.chain_since().unwrap(), 2, "every stored batch predates the chain");
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        assert_eq!(store.chain_since().unwrap(), 2);
+        chain_of(&mut w, "a", 2..=3);
+        let report = intact(&store, "a");
+        assert_eq!((report.unchained, report.batches_checked, report.length), (1, 2, 2));
+        assert_eq!(seqs(&store, "a", None, None, false), vec![1, 2, 3]);
+
+        // An entry stripped of its link once the chain has started is a break.
+        let newest = store.batches("a").last().unwrap().unwrap();
+        let stripped = BatchInfo { chain: None, ..newest.clone() };
+        store.db.insert(&newest.key, encode_index(&stripped)).unwrap();
+        let b = first_break(&store, "a");
+        assert_eq!(b.kind, qlog_rpc::query::BreakKind::UnlinkedEntry);
     }
 
     /// A temporary directory removed on drop, without pulling in a crate for it.

@@ -31,6 +31,7 @@ pub fn hello(stream: &str) -> Hello {
         stream: stream.to_owned(),
         limits: None,
         heartbeat_interval_secs: None,
+        telemetry_interval_secs: None,
     }
 }
 

@@ -322,6 +322,7 @@ fn send_stream(ingest: &Path, vm: &str, frames: Vec<u8>, resume: u64) -> anyhow:
         stream: "journal".into(),
         limits: None,
         heartbeat_interval_secs: None,
+        telemetry_interval_secs: None,
     };
     head.extend(encode_json(FrameType::Hello, &hello));
     sock.write_all(&head)?;

@@ -21,6 +21,7 @@
 //! - The binaries are the ones `cargo test --workspace` built; see [`bin_path`].
 
 pub mod agent;
+pub mod flood;
 pub mod ingest;
 pub mod journal;
 pub mod notify;

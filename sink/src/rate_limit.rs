@@ -1,0 +1,244 @@
+//! Per-VM token buckets: how fast one source VM may hand events to the committer.
+//!
+//! Owns the bucket arithmetic and the table of buckets, one per VM across all of that
+//! VM's connections and streams; `ingest.rs` asks a bucket before it queues an item, and
+//! `committer.rs` records what was refused. A VM that sends faster than its rate, beyond
+//! its burst, has the excess *refused*, as journald's own rate limiter drops a chatty
+//! service's messages (10,000 per 30 s per service by default there): the items are not
+//! stored, their sequence numbers are acknowledged like stored ones so the agent does not
+//! resend them forever, and the committer writes one gap record per stream and commit
+//! cycle saying how many were refused and when. Checking before the bounded queue to the
+//! committer is what keeps a flooding VM from filling that queue: what it may queue is
+//! its rate, not its link speed.
+//!
+//! Two buckets are kept per VM, events and payload bytes, and an item passes only if both
+//! have room: the event rate alone would let a VM send its quota of events at the largest
+//! frame size. A full bytes bucket always admits one item, however large, and goes into
+//! debt, so no burst setting can make a valid frame impossible to send.
+//!
+//! Buckets start full, and live as long as qlogd: the table has one entry per VM qrexec
+//! has named, and forgetting a VM's bucket when its last connection closes would let it
+//! refill its burst by reconnecting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Sustained events per second a VM may send, unless configured. Journald's default
+/// allows 333 per second per service; a VM runs many services, but rarely sustains more
+/// than a few hundred events per second over all of them.
+pub const DEFAULT_EVENTS_PER_SEC: u64 = 1_000;
+/// Events a VM may send at once above its rate: five minutes at the default rate. This
+/// is what lets an agent catch up after the log qube was away without losing its
+/// backlog, and what a boot or a crash loop produces in one go.
+pub const DEFAULT_BURST_EVENTS: u64 = 300_000;
+/// Sustained payload bytes per second a VM may send: 4 KiB per event at the default
+/// event rate, several times what a journald entry weighs.
+pub const DEFAULT_BYTES_PER_SEC: u64 = 4 << 20;
+/// Payload bytes a VM may send at once above its rate.
+pub const DEFAULT_BURST_BYTES: u64 = 256 << 20;
+
+/// One VM's limits. A rate of 0 turns that dimension's limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub events_per_sec: u64,
+    pub burst_events: u64,
+    pub bytes_per_sec: u64,
+    pub burst_bytes: u64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            events_per_sec: DEFAULT_EVENTS_PER_SEC,
+            burst_events: DEFAULT_BURST_EVENTS,
+            bytes_per_sec: DEFAULT_BYTES_PER_SEC,
+            burst_bytes: DEFAULT_BURST_BYTES,
+        }
+    }
+}
+
+impl RateLimit {
+    /// No limit at all.
+    pub const UNLIMITED: RateLimit =
+        RateLimit { events_per_sec: 0, burst_events: 0, bytes_per_sec: 0, burst_bytes: 0 };
+
+    /// This limit with every field an override sets replaced.
+    pub fn with(self, o: &RateOverride) -> RateLimit {
+        RateLimit {
+            events_per_sec: o.events_per_sec.unwrap_or(self.events_per_sec),
+            burst_events: o.burst_events.unwrap_or(self.burst_events),
+            bytes_per_sec: o.bytes_per_sec.unwrap_or(self.bytes_per_sec),
+            burst_bytes: o.burst_bytes.unwrap_or(self.burst_bytes),
+        }
+    }
+
+    /// How an operator reads it, for gap records and logs: `1000 events/s (burst
+    /// 300000), 4194304 bytes/s (burst 268435456)`.
+    pub fn describe(&self) -> String {
+        let part = |rate: u64, burst: u64, unit: &str| {
+            if rate == 0 {
+                format!("no {unit} limit")
+            } else {
+                format!("{rate} {unit}/s (burst {burst})")
+            }
+        };
+        format!(
+            "{}, {}",
+            part(self.events_per_sec, self.burst_events, "events"),
+            part(self.bytes_per_sec, self.burst_bytes, "bytes")
+        )
+    }
+}
+
+/// Per-VM changes to the global [`RateLimit`]; `None` keeps the global value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateOverride {
+    pub events_per_sec: Option<u64>,
+    pub burst_events: Option<u64>,
+    pub bytes_per_sec: Option<u64>,
+    pub burst_bytes: Option<u64>,
+}
+
+/// One VM's buckets.
+#[derive(Debug)]
+pub struct TokenBucket {
+    limit: RateLimit,
+    events: f64,
+    bytes: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(limit: RateLimit, now: Instant) -> TokenBucket {
+        TokenBucket {
+            limit,
+            events: limit.burst_events as f64,
+            bytes: limit.burst_bytes as f64,
+            refilled: now,
+        }
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Takes one item of `bytes` payload bytes if both buckets have room; false means
+    /// the item is refused and nothing was taken.
+    pub fn take(&mut self, bytes: usize, now: Instant) -> bool {
+        let l = self.limit;
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = self.refilled.max(now);
+        self.events = (self.events + elapsed * l.events_per_sec as f64).min(l.burst_events as f64);
+        self.bytes = (self.bytes + elapsed * l.bytes_per_sec as f64).min(l.burst_bytes as f64);
+
+        let bytes = bytes as f64;
+        let events_ok = l.events_per_sec == 0 || self.events >= 1.0;
+        let bytes_ok =
+            l.bytes_per_sec == 0 || self.bytes >= bytes || self.bytes >= l.burst_bytes as f64;
+        if !(events_ok && bytes_ok) {
+            return false;
+        }
+        if l.events_per_sec != 0 {
+            self.events -= 1.0;
+        }
+        if l.bytes_per_sec != 0 {
+            self.bytes -= bytes;
+        }
+        true
+    }
+}
+
+/// A VM's bucket, shared by all of its connections.
+pub type SharedBucket = Arc<Mutex<TokenBucket>>;
+
+/// Every VM's bucket.
+#[derive(Debug, Default)]
+pub struct Buckets {
+    table: Mutex<HashMap<String, SharedBucket>>,
+}
+
+impl Buckets {
+    /// `vm`'s bucket, made full with `limit` if it has none yet. The limit is fixed for
+    /// qlogd's lifetime, as the rest of its configuration is.
+    pub fn for_vm(&self, vm: &str, limit: RateLimit) -> SharedBucket {
+        let mut table = self.table.lock().expect("bucket table lock is never poisoned");
+        let bucket = table
+            .entry(vm.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(TokenBucket::new(limit, Instant::now()))));
+        Arc::clone(bucket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn limit(events_per_sec: u64, burst_events: u64) -> RateLimit {
+        RateLimit { events_per_sec, burst_events, bytes_per_sec: 0, burst_bytes: 0 }
+    }
+
+    #[test]
+    fn a_full_bucket_admits_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(limit(10, 5), t0);
+        assert_eq!((0..8).filter(|_| b.take(100, t0)).count(), 5);
+        // A tenth of a second refills one event, and never more than the burst.
+        assert!(b.take(100, t0 + Duration::from_millis(100)));
+        assert!(!b.take(100, t0 + Duration::from_millis(100)));
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..8).filter(|_| b.take(100, later)).count(), 5);
+    }
+
+    #[test]
+    fn refused_items_take_nothing() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(limit(1, 1), t0);
+        assert!(b.take(1, t0));
+        for _ in 0..1000 {
+            assert!(!b.take(1, t0));
+        }
+        assert!(b.take(1, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn bytes_are_limited_too_and_a_full_bucket_admits_any_size() {
+        let t0 = Instant::now();
+        let l =
+            RateLimit { events_per_sec: 0, burst_events: 0, bytes_per_sec: 100, burst_bytes: 1000 };
+        let mut b = TokenBucket::new(l, t0);
+        assert!(b.take(5000, t0), "a full bucket admits one oversized item");
+        assert!(!b.take(1, t0), "and is then in debt");
+        assert!(!b.take(1, t0 + Duration::from_secs(40)));
+        assert!(b.take(1, t0 + Duration::from_secs(41)));
+    }
+
+    #[test]
+    fn zero_rates_are_unlimited() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(RateLimit::UNLIMITED, t0);
+        assert!((0..100_000).all(|_| b.take(1 << 20, t0)));
+    }
+
+    #[test]
+    fn overrides_replace_only_what_they_set() {
+        let o = RateOverride { events_per_sec: Some(5), ..RateOverride::default() };
+        let l = RateLimit::default().with(&o);
+        assert_eq!(l.events_per_sec, 5);
+        assert_eq!(l.burst_events, DEFAULT_BURST_EVENTS);
+        assert_eq!(l.describe(), "5 events/s (burst 300000), 4194304 bytes/s (burst 268435456)");
+    }
+
+    #[test]
+    fn every_connection_of_a_vm_shares_one_bucket() {
+        let buckets = Buckets::default();
+        let a = buckets.for_vm("sd-app", limit(1, 1));
+        let b = buckets.for_vm("sd-app", limit(1000, 1000));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &buckets.for_vm("sd-proxy", limit(1, 1))));
+        assert_eq!(b.lock().unwrap().limit().events_per_sec, 1);
+    }
+}

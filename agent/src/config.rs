@@ -138,6 +138,17 @@ pub struct Args {
     )]
     pub heartbeat_interval: u32,
 
+    /// Seconds between telemetry samples (load, memory, disks, uptime, the agent's own
+    /// counters); 0 sends none
+    #[arg(
+        long,
+        env = "QLOG_TELEMETRY_INTERVAL",
+        value_name = "SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(0..=86_400)
+    )]
+    pub telemetry_interval: u32,
+
     /// Forward only events with PRIORITY at most this: 0-7 or emerg..debug
     ///
     /// Names: emerg alert crit err warning notice info debug. Events without one are kept.
@@ -222,6 +233,8 @@ pub struct Config {
     pub stream: String,
     pub qrexec_client: PathBuf,
     pub heartbeat_interval: Duration,
+    /// `None` when telemetry is off.
+    pub telemetry_interval: Option<Duration>,
     pub filters: Filters,
     pub max_in_flight_events: usize,
     pub max_in_flight_bytes: usize,
@@ -324,6 +337,8 @@ impl Config {
             stream,
             qrexec_client: args.qrexec_client,
             heartbeat_interval: Duration::from_secs(args.heartbeat_interval.into()),
+            telemetry_interval: (args.telemetry_interval > 0)
+                .then(|| Duration::from_secs(args.telemetry_interval.into())),
             filters,
             max_in_flight_events: usize::try_from(args.max_in_flight_events)
                 .expect("clap bounds the event limit far below usize::MAX"),

@@ -28,6 +28,7 @@ mod process;
 mod shared;
 mod signals;
 mod source;
+mod telemetry;
 pub mod supervisor;
 mod transport;
 mod window;

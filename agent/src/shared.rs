@@ -12,6 +12,7 @@ use qlog_rpc::frame::HEADER_LEN;
 use qlog_rpc::{Event, Gap, Limits};
 
 use crate::limits::encoded_len;
+use crate::telemetry::Counters;
 use crate::window::{Acked, Item, Window};
 
 /// Everything behind the lock.
@@ -33,6 +34,8 @@ pub struct State {
     pub active_conn: u64,
     /// The limits of the connection being written to.
     pub limits: Limits,
+    /// What the agent reports about itself in its telemetry.
+    pub counters: Counters,
 }
 
 /// Returned to a source when shutdown has begun and it should stop reading.
@@ -57,6 +60,7 @@ impl Shared {
                 stopping: false,
                 active_conn: 0,
                 limits: Limits::DEFAULT,
+                counters: Counters::default(),
             }),
             changed: Condvar::new(),
         }
@@ -95,18 +99,25 @@ impl Shared {
     /// Waits for room, then numbers and stores `event`, fitted to `limits` by the caller.
     pub fn push_event(&self, event: &Event, limits: Limits) -> Result<u64, Stopped> {
         let frame_len = HEADER_LEN + encoded_len(event);
-        self.push(frame_len, |seq| Item::event(seq, event, limits))
+        self.push(frame_len, |seq| Item::event(seq, event, limits), |c| c.read += 1)
     }
 
     /// Waits for room, then numbers and stores a gap record.
     pub fn push_gap(&self, reason: &str, detail: String) -> Result<u64, Stopped> {
         let frame_len = HEADER_LEN + reason.len() + detail.len() + 64;
-        self.push(frame_len, |seq| {
-            Item::Gap(Gap { seq, reason: reason.to_string(), missed: None, detail })
-        })
+        self.push(
+            frame_len,
+            |seq| Item::Gap(Gap { seq, reason: reason.to_string(), missed: None, detail }),
+            |c| c.gaps += 1,
+        )
     }
 
-    fn push(&self, frame_len: usize, build: impl FnOnce(u64) -> Item) -> Result<u64, Stopped> {
+    fn push(
+        &self,
+        frame_len: usize,
+        build: impl FnOnce(u64) -> Item,
+        count: impl FnOnce(&mut Counters),
+    ) -> Result<u64, Stopped> {
         let mut state = self.lock();
         while !state.stopping && !state.window.has_room(frame_len) {
             state = self.wait(state);
@@ -115,13 +126,20 @@ impl Shared {
             return Err(Stopped);
         }
         let seq = state.window.push_with(build);
+        count(&mut state.counters);
         drop(state);
         self.notify_all();
         Ok(seq)
     }
 
     pub fn ack(&self, seq: u64) -> Acked {
-        self.update(|state| state.window.ack(seq))
+        self.update(|state| {
+            let acked = state.window.ack(seq);
+            state.counters.acked += match acked {
+                Acked::Released { released } | Acked::Beyond { released, .. } => released as u64,
+            };
+            acked
+        })
     }
 
     pub fn unacked(&self) -> usize {

@@ -336,6 +336,7 @@ impl JournalSource {
                         start = Start::Cursor(cursor.clone());
                     }
                     let delay = self.backoff.next_delay();
+                    self.shared.update(|state| state.counters.journal_restarts += 1);
                     self.log.warn(format_args!(
                         "journalctl exited ({}); restarting it in {:.1} s from the last entry read",
                         describe_status(status),

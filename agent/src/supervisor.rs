@@ -28,7 +28,7 @@ use crate::shared::Shared;
 use crate::signals;
 use crate::source::{self, SourceContext, SourceHandle};
 use crate::transport::{
-    describe_exit, hello_frame, spawn_reader, spawn_writer, CloseReason, ConnContext,
+    describe_exit, hello_frame, spawn_reader, spawn_writer, CloseReason, ConnContext, Intervals,
     RunningQrexecClient,
 };
 use crate::window::{Acked, Resumed, Window};
@@ -321,6 +321,9 @@ impl Supervisor {
     fn connect_and_serve(&mut self) -> anyhow::Result<(Served, ClientEnd)> {
         self.conn += 1;
         let conn = self.conn;
+        if conn > 1 {
+            self.shared.update(|state| state.counters.reconnects += 1);
+        }
         let program = &self.config.qrexec_client;
         let (mut client, mut stdin, stdout) =
             match RunningQrexecClient::spawn(program, &self.config.log_vm) {
@@ -347,7 +350,11 @@ impl Supervisor {
             to: self.to.clone(),
             log: self.log,
         };
-        let hello = hello_frame(&self.config.stream, self.config.heartbeat_interval);
+        let hello = hello_frame(
+            &self.config.stream,
+            self.config.heartbeat_interval,
+            self.config.telemetry_interval,
+        );
         // A client that fails at once (a policy refusal) may close its stdin before the
         // hello is in; its exit status then says why, so this is no reason to stop here.
         let hello_sent = std::io::Write::write_all(&mut stdin, &hello);
@@ -456,9 +463,13 @@ impl Supervisor {
                     welcomed = true;
                     self.on_welcome(&welcome, resumed)?;
                     let stdin = stdin.take().expect("a connection is welcomed only once");
+                    let intervals = Intervals {
+                        heartbeat: self.config.heartbeat_interval,
+                        telemetry: self.config.telemetry_interval,
+                    };
                     self.shared.update(|state| state.active_conn = conn);
                     *writer = Some(
-                        spawn_writer(ctx.clone(), stdin, self.config.heartbeat_interval)
+                        spawn_writer(ctx.clone(), stdin, intervals)
                             .context("cannot start a writer thread")?,
                     );
                 }

@@ -158,7 +158,11 @@ impl Drop for RunningQrexecClient {
 }
 
 /// The first frame of every connection.
-pub fn hello_frame(stream: &str, heartbeat_interval: Duration) -> Vec<u8> {
+pub fn hello_frame(
+    stream: &str,
+    heartbeat_interval: Duration,
+    telemetry_interval: Option<Duration>,
+) -> Vec<u8> {
     let hello = Hello {
         versions: qlog_rpc::PROTOCOL_VERSIONS.to_vec(),
         agent: format!("qlog-agent/{}", env!("CARGO_PKG_VERSION")),
@@ -167,7 +171,8 @@ pub fn hello_frame(stream: &str, heartbeat_interval: Duration) -> Vec<u8> {
         heartbeat_interval_secs: Some(
             u32::try_from(heartbeat_interval.as_secs()).unwrap_or(u32::MAX),
         ),
-        telemetry_interval_secs: None,
+        telemetry_interval_secs: telemetry_interval
+            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
     };
     encode_json(FrameType::Hello, &hello)
 }
@@ -280,26 +285,36 @@ fn handle_frame(ctx: &ConnContext, frame: Frame, welcomed: &mut bool) -> Result<
 pub fn spawn_writer(
     ctx: ConnContext,
     stdin: ChildStdin,
-    heartbeat_interval: Duration,
+    intervals: Intervals,
 ) -> io::Result<JoinHandle<()>> {
     thread::Builder::new().name(format!("writer-{}", ctx.conn)).stack_size(256 * 1024).spawn(
         move || {
-            if let Err(e) = write_frames(&ctx, stdin, heartbeat_interval) {
+            if let Err(e) = write_frames(&ctx, stdin, intervals) {
                 let _ = ctx.to.send(Msg::Closed { conn: ctx.conn, reason: e });
             }
         },
     )
 }
 
+/// How often the writer sends heartbeats and, if at all, telemetry.
+#[derive(Debug, Clone, Copy)]
+pub struct Intervals {
+    pub heartbeat: Duration,
+    pub telemetry: Option<Duration>,
+}
+
 fn write_frames(
     ctx: &ConnContext,
     mut stdin: ChildStdin,
-    heartbeat_interval: Duration,
+    intervals: Intervals,
 ) -> Result<(), CloseReason> {
+    let heartbeat_interval = intervals.heartbeat;
     let mut next = ctx.shared.lock().window.first_unacked();
     ctx.log.debug(format_args!("connection {}: sending from seq {next}", ctx.conn));
     let mut end_sent = false;
     let mut next_heartbeat = Instant::now() + heartbeat_interval;
+    // The first sample goes out soon after connecting, so a new VM has numbers at once.
+    let mut next_telemetry = intervals.telemetry.map(|_| Instant::now());
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
         batch.clear();
@@ -314,12 +329,20 @@ fn write_frames(
                 batch.extend(heartbeat_frame(heartbeat_interval));
                 next_heartbeat = now + heartbeat_interval;
             }
+            if let (Some(at), Some(every)) = (next_telemetry, intervals.telemetry) {
+                if now >= at && !end_sent {
+                    batch.extend(crate::telemetry::telemetry_frame(&state, now));
+                    next_telemetry = Some(now + every);
+                }
+            }
             // Items the sink acknowledged meanwhile (a resume point, say) need not go out.
             next = next.max(state.window.first_unacked());
+            let first = next;
             while next < state.window.next_seq() && batch.len() < WRITE_BATCH {
                 append_item(&state, next, &mut batch);
                 next += 1;
             }
+            state.counters.sent += next - first;
             if next == state.window.next_seq() && state.finishing && !end_sent {
                 batch.extend(encode_u64(FrameType::End, state.window.last_assigned()));
                 end_sent = true;
@@ -327,10 +350,11 @@ fn write_frames(
             if !batch.is_empty() {
                 break;
             }
+            let wake = next_telemetry.map_or(next_heartbeat, |t| t.min(next_heartbeat));
             state = if end_sent {
                 ctx.shared.wait(state)
             } else {
-                ctx.shared.wait_timeout(state, next_heartbeat - now)
+                ctx.shared.wait_timeout(state, wake.saturating_duration_since(now))
             };
         }
         drop(state);
@@ -433,7 +457,7 @@ mod tests {
 
     #[test]
     fn hello_announces_versions_stream_and_heartbeat() {
-        let frame = hello_frame("journal", Duration::from_secs(30));
+        let frame = hello_frame("journal", Duration::from_secs(30), Some(Duration::from_secs(60)));
         let mut decoder = FrameDecoder::new(Limits::DEFAULT);
         decoder.feed(&frame);
         let frame = decoder.next_frame().unwrap().unwrap();
@@ -442,6 +466,7 @@ mod tests {
         assert_eq!(hello.versions, qlog_rpc::PROTOCOL_VERSIONS);
         assert_eq!(hello.stream, "journal");
         assert_eq!(hello.heartbeat_interval_secs, Some(30));
+        assert_eq!(hello.telemetry_interval_secs, Some(60));
         assert!(hello.agent.starts_with("qlog-agent/"));
     }
 }

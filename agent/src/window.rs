@@ -7,6 +7,7 @@
 //! sends the same bytes under the same sequence numbers, which the sink de-duplicates.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use qlog_rpc::event::{decode_event_payload, encode_event_payload};
 use qlog_rpc::frame::{self, FrameType, HEADER_LEN};
@@ -97,6 +98,8 @@ pub enum Acked {
 #[derive(Debug)]
 pub struct Window {
     items: VecDeque<(u64, Item)>,
+    /// When each item in `items` was pushed, front to back, for the telemetry's lag.
+    pushed_at: VecDeque<Instant>,
     /// The sequence number the next item gets; every number below it was given out.
     next_seq: u64,
     bytes: usize,
@@ -108,6 +111,7 @@ impl Window {
     pub fn new(first_seq: u64, max_items: usize, max_bytes: usize) -> Window {
         Window {
             items: VecDeque::new(),
+            pushed_at: VecDeque::new(),
             next_seq: first_seq.max(1),
             bytes: 0,
             max_items: max_items.max(1),
@@ -128,6 +132,11 @@ impl Window {
     /// The lowest sequence number not yet acknowledged.
     pub fn first_unacked(&self) -> u64 {
         self.items.front().map_or(self.next_seq, |(seq, _)| *seq)
+    }
+
+    /// How long the oldest unacknowledged item has waited, if there is one.
+    pub fn oldest_unacked_age(&self, now: Instant) -> Option<Duration> {
+        self.pushed_at.front().map(|t| now.saturating_duration_since(*t))
     }
 
     /// Items not yet acknowledged.
@@ -158,6 +167,7 @@ impl Window {
         let item = build(seq);
         self.bytes += item.cost();
         self.items.push_back((seq, item));
+        self.pushed_at.push_back(Instant::now());
         self.next_seq += 1;
         seq
     }
@@ -179,6 +189,7 @@ impl Window {
                 break;
             }
             let (_, item) = self.items.pop_front().expect("front was just seen");
+            self.pushed_at.pop_front();
             self.bytes -= item.cost();
             released += 1;
         }

@@ -41,6 +41,7 @@ fn main() {
         ("qrexec_exit_codes_are_explained", qrexec_exit_codes_are_explained),
         ("sink_error_frame_is_printed", sink_error_frame_is_printed),
         ("heartbeats_flow_while_idle", heartbeats_flow_while_idle),
+        ("telemetry_samples_flow_and_count", telemetry_samples_flow_and_count),
         ("oversized_lines_are_cut_to_the_welcome_limits", oversized_lines_are_cut),
         ("bad_json_lines_are_forwarded_with_parse_error", bad_json_lines_are_forwarded),
         ("missing_log_vm_is_a_clear_error", missing_log_vm_is_a_clear_error),
@@ -171,11 +172,11 @@ impl Conn {
         }
     }
 
-    /// The next frame that is not a heartbeat.
+    /// The next frame that is not a heartbeat or a telemetry sample.
     fn data(&mut self) -> Frame {
         loop {
             let frame = self.frame().expect("a frame, not the end of the stream");
-            if frame.ty != FrameType::Heartbeat {
+            if !matches!(frame.ty, FrameType::Heartbeat | FrameType::Telemetry) {
                 return frame;
             }
         }
@@ -213,14 +214,17 @@ impl Conn {
         decode_u64(frame.ty, &frame.payload).unwrap()
     }
 
-    /// Asserts that nothing but heartbeats arrives for `quiet`.
+    /// Asserts that nothing but heartbeats and telemetry arrives for `quiet`.
     fn nothing_for(&mut self, quiet: Duration) {
         self.stream.set_read_timeout(Some(quiet)).unwrap();
         let mut buf = [0u8; 4096];
         let deadline = Instant::now() + quiet;
         while Instant::now() < deadline {
             if let Some(frame) = self.decoder.next_frame().unwrap() {
-                assert_eq!(frame.ty, FrameType::Heartbeat, "unexpected {frame:?}");
+                assert!(
+                    matches!(frame.ty, FrameType::Heartbeat | FrameType::Telemetry),
+                    "unexpected {frame:?}"
+                );
                 continue;
             }
             match self.stream.read(&mut buf) {
@@ -599,13 +603,57 @@ fn sink_error_frame_is_printed() {
     assert!(agent.log().contains("before the end of stdin"), "{}", agent.log());
 }
 
+/// A sample right after the welcome, then one per interval, with the system's numbers
+/// and the agent's own counters, all of which the sink's validation accepts.
+fn telemetry_samples_flow_and_count() {
+    let scratch = Scratch::new("telemetry");
+    let sink = Sink::new(&scratch);
+    let mut agent = start_agent(
+        &scratch,
+        &sink,
+        &["--source", "stdin", "--heartbeat-interval", "60", "--telemetry-interval", "1"],
+    );
+    let mut conn = sink.accept();
+    assert_eq!(conn.welcome(0, None, Limits::DEFAULT).telemetry_interval_secs, Some(1));
+    agent.write_stdin(b"one\ntwo\n");
+    let mut last_read = 0.0;
+    let mut samples = 0;
+    // Samples keep coming; the counters catch up with the two lines.
+    while last_read < 2.0 {
+        let frame = conn.frame().expect("frames until the counters show both lines");
+        if frame.ty != FrameType::Telemetry {
+            continue;
+        }
+        samples += 1;
+        let sample: qlog_rpc::telemetry::Sample = decode_json(frame.ty, &frame.payload).unwrap();
+        let valid = sample.validated();
+        assert_eq!(valid.rejected, 0, "{sample:?}");
+        let get = |n: &str| valid.values.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        assert!(get("load1").is_some() && get("mem_available_bytes").is_some(), "{sample:?}");
+        last_read = get("agent_events_read").unwrap();
+        assert!(get("agent_in_flight").unwrap() <= 2.0);
+    }
+    // And the next interval brings another.
+    while conn.frame().expect("another sample").ty != FrameType::Telemetry {}
+    assert!(samples >= 1);
+    agent.close_stdin();
+    assert_eq!(conn.end(), 2);
+    conn.close_cleanly(2);
+    assert!(agent.wait().success(), "stderr: {}", agent.log());
+}
+
 fn heartbeats_flow_while_idle() {
     let scratch = Scratch::new("heartbeat");
     let sink = Sink::new(&scratch);
-    let mut agent =
-        start_agent(&scratch, &sink, &["--source", "stdin", "--heartbeat-interval", "1"]);
+    let mut agent = start_agent(
+        &scratch,
+        &sink,
+        &["--source", "stdin", "--heartbeat-interval", "1", "--telemetry-interval", "0"],
+    );
     let mut conn = sink.accept();
-    assert_eq!(conn.welcome(0, None, Limits::DEFAULT).heartbeat_interval_secs, Some(1));
+    let hello = conn.welcome(0, None, Limits::DEFAULT);
+    assert_eq!(hello.heartbeat_interval_secs, Some(1));
+    assert_eq!(hello.telemetry_interval_secs, None);
     let started = Instant::now();
     let frame = conn.frame().unwrap();
     assert_eq!(frame.ty, FrameType::Heartbeat);

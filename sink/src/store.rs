@@ -345,6 +345,30 @@ impl Store {
         Ok(vms)
     }
 
+    /// `vm`'s index entries after `after` (from the first if `None`), oldest first, each
+    /// with its key and decoded or not: a chain walk reports entries that do not decode
+    /// and goes on.
+    #[allow(clippy::type_complexity)]
+    pub fn index_after(
+        &self,
+        vm: &str,
+        after: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Result<BatchInfo, StoreError>), StoreError>> + '_
+    {
+        use std::ops::Bound;
+        let prefix = batch_prefix(vm);
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_vec()),
+            None => Bound::Included(prefix.clone()),
+        };
+        let mut end = prefix;
+        *end.last_mut().expect("prefixes end in NUL") = 1;
+        self.db.range::<Vec<u8>, _>((start, Bound::Excluded(end))).map(move |item| {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            Ok((k.to_vec(), decode_index(&k, &v)))
+        })
+    }
+
     /// Walks `vm`'s chain and recomputes every link (see [`chain::verify`]).
     pub fn verify_chain(&self, vm: &str) -> Result<VmChain, StoreError> {
         chain::verify(self, vm)

@@ -378,9 +378,9 @@ pub enum HealthState {
     Lagging,
     /// Gap records in the last hour: events were lost before they reached the store.
     Gaps,
-    #[default]
     Ok,
-    /// A state from a newer sink.
+    /// Not judged yet (the first second after a start), or a state from a newer sink.
+    #[default]
     #[serde(other)]
     Unknown,
 }

@@ -523,7 +523,7 @@ impl Committer {
                 Item::Event { seq, range, priority } => {
                     let p = priority.map_or(NO_PRIORITY, usize::from);
                     rollup.events[p] += 1;
-                    rollup.bytes[p] += range.len() as u64;
+                    rollup.bytes[p] += payload_len(&chunk.raw[range.clone()]);
                     events += 1;
                     out.push_header(&vm, &stream, stamp, seq, RecordKind::Event);
                     out.raw.extend_from_slice(&chunk.raw[range.clone()]);
@@ -853,6 +853,14 @@ fn sink_record(
     event: Event,
 ) -> Record {
     Record { vm: vm.to_owned(), stream: stream.to_owned(), received_usec: stamp, seq, kind, event }
+}
+
+/// [`Event::payload_len`] of an encoded field block, without decoding it: the block is a
+/// `u32` field count, then per field a 1-byte name length and a 4-byte value length
+/// around the name and value.
+fn payload_len(block: &[u8]) -> u64 {
+    let count = block.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    (block.len() as u64).saturating_sub(4 + 5 * u64::from(count))
 }
 
 pub fn now_usec() -> u64 {

@@ -59,6 +59,9 @@ pub struct HealthFile {
     pub flood_factor: Option<u64>,
     /// ... and above this many events per minute.
     pub flood_floor_per_minute: Option<u64>,
+    /// Seconds after qlogd starts before an expected VM that has not connected is
+    /// reported never seen.
+    pub startup_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -36,6 +36,10 @@ pub struct HealthSettings {
     /// minute, but never below `flood_floor_per_minute`.
     pub flood_factor: f64,
     pub flood_floor_per_minute: u64,
+    /// How long after qlogd starts an expected VM may take to connect before it is
+    /// reported never seen, and a stored VM to say anything before it is silent. By
+    /// default, three default heartbeat intervals.
+    pub startup_grace_secs: u64,
 }
 
 impl Default for HealthSettings {
@@ -46,6 +50,7 @@ impl Default for HealthSettings {
             lag_secs: 120.0,
             flood_factor: 10.0,
             flood_floor_per_minute: 6_000,
+            startup_grace_secs: u64::from(DEFAULT_HEARTBEAT_SECS) * SILENT_AFTER_INTERVALS,
         }
     }
 }
@@ -149,6 +154,7 @@ impl HealthBook {
         let mut transitions = Vec::new();
         let settings = self.settings.clone();
         let started = self.started_usec;
+        let grace = settings.startup_grace_secs.saturating_mul(1_000_000);
         for name in names {
             let first_seen = stored.get(&name).map_or(0, |s| s.first_seen_usec);
             let l = self.vm(&name);
@@ -163,9 +169,7 @@ impl HealthBook {
                         HealthState::NeverSeen,
                         "expected, but it has never connected".to_owned(),
                     ));
-                    if !l.never_seen_reported
-                        && now.saturating_sub(started) > silence_usec(interval)
-                    {
+                    if !l.never_seen_reported && now.saturating_sub(started) > grace {
                         l.never_seen_reported = true;
                         transitions.push(Transition::NeverSeen { vm: name.clone() });
                     }
@@ -173,9 +177,10 @@ impl HealthBook {
             } else {
                 // Before this run heard from it, count from our own start: a restart of
                 // qlogd must not make every VM silent at once.
-                let since = if heard > 0 { heard } else { started };
+                let (since, limit) =
+                    if heard > 0 { (heard, silence_usec(interval)) } else { (started, grace) };
                 let quiet = now.saturating_sub(since);
-                if quiet > silence_usec(interval) {
+                if quiet > limit {
                     let quiet_secs = quiet / 1_000_000;
                     conditions.push((
                         HealthState::Silent,

@@ -277,6 +277,10 @@ fn merge(args: &Args, file: FileConfig) -> Config {
                         .health
                         .flood_floor_per_minute
                         .unwrap_or(d.flood_floor_per_minute),
+                    startup_grace_secs: file
+                        .health
+                        .startup_grace_secs
+                        .unwrap_or(d.startup_grace_secs),
                     ..d
                 }
             },

@@ -143,6 +143,8 @@ impl Shared {
         let mut vms: Vec<String> =
             self.vms.lock().expect("vm table lock is never poisoned").keys().cloned().collect();
         vms.extend(self.settings.expected_vms.iter().cloned());
+        // A VM that connected but has not stored an event yet is known too.
+        vms.extend(self.health.lock().expect("health table lock is never poisoned").keys().cloned());
         vms.sort();
         vms.dedup();
         vms
@@ -151,12 +153,12 @@ impl Shared {
     /// One row per VM for `qlog vms`: every VM seen, and every expected VM.
     pub fn vm_infos(&self) -> Vec<VmInfo> {
         let mut vms = self.vms.lock().expect("vm table lock is never poisoned").clone();
-        for vm in &self.settings.expected_vms {
+        let health = self.health.lock().expect("health table lock is never poisoned").clone();
+        for vm in self.settings.expected_vms.iter().chain(health.keys()) {
             vms.entry(vm.clone()).or_default();
         }
         let streams = self.streams.lock().expect("stream table lock is never poisoned").clone();
         let conns = self.connections.lock().expect("connection table lock is never poisoned");
-        let health = self.health.lock().expect("health table lock is never poisoned").clone();
         vms.into_iter()
             .map(|(vm, s)| {
                 let quota_bytes = self.settings.quota(&vm);

@@ -38,7 +38,9 @@ use std::time::Duration;
 pub use agent::{AgentOptions, RunningAgent};
 pub use ingest::{hello, ingest_events, ingest_events_at, RawIngest};
 pub use journal::{parse_export, JournalNamespace};
-pub use query::{query_events, query_events_reply, query_vms, EventsReply, Follower, QueryError};
+pub use query::{
+    query_events, query_events_reply, query_stats, query_vms, EventsReply, Follower, QueryError,
+};
 pub use sink::{RunningSink, SinkOptions};
 
 /// How long a program may take to report readiness: generous, because CI shares two
@@ -58,6 +60,26 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// # Panics
 ///
 /// If the binary is not there, with a message saying how to build it.
+/// Calls `check` until it returns something, failing the test after `timeout` with
+/// `what` and the last state `check` described. Tests wait on conditions this way, never
+/// on sleeps; the timeout only bounds how long a failure takes to show.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(state) if std::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {state}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the running test has a path");
     let mut dir = exe.parent().expect("an executable lives in a directory").to_path_buf();

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qlog_rpc::message::{decode_json, encode_json, MessageError};
-use qlog_rpc::query::{Done, EventsQuery, Lagged, Record, Request, VmsReply};
+use qlog_rpc::query::{Done, EventsQuery, Lagged, Record, Request, StatsQuery, StatsReply, VmsReply};
 use qlog_rpc::{ErrorFrame, Frame, FrameType, Limits};
 
 use crate::wire::{FrameReader, ReadError};
@@ -95,6 +95,21 @@ pub fn query_vms(socket: &Path) -> Result<VmsReply, QueryError> {
         FrameType::Reply => Ok(decode_json(frame.ty, &frame.payload)?),
         FrameType::Error => Err(QueryError::Refused(decode_error(&frame)?)),
         ty => Err(QueryError::UnexpectedFrame { ty, request: "a vms query" }),
+    }
+}
+
+/// Asks for rollups; one reply per VM.
+pub fn query_stats(socket: &Path, query: &StatsQuery) -> Result<Vec<StatsReply>, QueryError> {
+    let mut reader = send_request(socket, &Request::Stats(query.clone()))?;
+    let mut replies = Vec::new();
+    loop {
+        let frame = reader.next_frame()?.ok_or(QueryError::Closed)?;
+        match frame.ty {
+            FrameType::Reply => replies.push(decode_json(frame.ty, &frame.payload)?),
+            FrameType::Done => return Ok(replies),
+            FrameType::Error => return Err(QueryError::Refused(decode_error(&frame)?)),
+            ty => return Err(QueryError::UnexpectedFrame { ty, request: "a stats query" }),
+        }
     }
 }
 

@@ -358,6 +358,8 @@ pub fn run(socket: &Path, args: &ExportArgs) -> anyhow::Result<ExitCode> {
     // A writer error (a leak, a full disk) is why the reading stopped, so it comes first.
     let Spooled { per_vm, report, scratch: scan_scratch } = written?;
     read?;
+    // Taken after the events were read, so each head covers every batch they came from.
+    let chains = chain_heads(socket, per_vm.keys().cloned().collect())?;
 
     // The VM table.
     let vms_json = redact_vms(vms_reply, redactor.as_mut());
@@ -396,7 +398,7 @@ pub fn run(socket: &Path, args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let mut contents: BTreeMap<String, Content> = BTreeMap::new();
     let mut vm_entries = Vec::new();
     let mut records_total = 0;
-    for (_, vm) in per_vm {
+    for (real_vm, vm) in per_vm {
         let events_path = vm.events.path.clone();
         let records = vm.events.lines;
         records_total += records;
@@ -421,6 +423,7 @@ pub fn run(socket: &Path, args: &ExportArgs) -> anyhow::Result<ExitCode> {
             last_usec: vm.last_usec,
             events_file: events_path,
             export_file: export_path,
+            chain: chains.get(&real_vm).cloned(),
         });
     }
     vm_entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -457,7 +460,10 @@ pub fn run(socket: &Path, args: &ExportArgs) -> anyhow::Result<ExitCode> {
         redaction,
     };
     let manifest_bytes = manifest.to_bytes();
-    let hashes: Vec<&[u8]> = manifest.files.values().map(|f| f.sha256.as_bytes()).collect();
+    let mut hashes: Vec<&[u8]> = manifest.files.values().map(|f| f.sha256.as_bytes()).collect();
+    for chain in manifest.vms.iter().filter_map(|v| v.chain.as_ref()) {
+        hashes.extend([chain.head.as_bytes(), chain.anchor.as_bytes()]);
+    }
     scan_lines(&mut scanner, &manifest_bytes, true, manifest::MANIFEST_PATH, &hashes)?;
 
     if args.dry_run {
@@ -542,6 +548,41 @@ enum Content {
 }
 
 /// Scans `bytes` line by line, which finds what a scan of the whole would.
+/// The chain heads of the exported VMs, by real name; none if qlogd predates the chain
+/// (it refuses the request as `bad-query`).
+fn chain_heads(
+    socket: &Path,
+    vms: Vec<String>,
+) -> anyhow::Result<BTreeMap<String, manifest::ChainHead>> {
+    if vms.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let query = qlog_rpc::query::VerifyQuery { vms, heads_only: true };
+    let reply = match Client::verify(socket, &query) {
+        Ok(reply) => reply,
+        Err(e)
+            if e.downcast_ref::<client::SinkError>()
+                .is_some_and(|s| s.0.code == qlog_rpc::ErrorCode::BadQuery) =>
+        {
+            return Ok(BTreeMap::new())
+        }
+        Err(e) => return Err(e.context("cannot read the chain heads for the manifest")),
+    };
+    Ok(reply
+        .vms
+        .into_iter()
+        .map(|c| {
+            let head = manifest::ChainHead {
+                head: c.head,
+                anchor: c.anchor,
+                length: c.length,
+                trimmed: c.trimmed,
+            };
+            (c.vm, head)
+        })
+        .collect())
+}
+
 fn scan_lines(
     scanner: &mut Scanner<'_>,
     bytes: &[u8],

@@ -73,6 +73,25 @@ pub struct VmEntry {
     pub last_usec: Option<u64>,
     pub events_file: String,
     pub export_file: Option<String>,
+    /// The VM's hash chain in the store when the bundle was made; absent if qlogd had
+    /// none to report (a qlogd from before the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainHead>,
+}
+
+/// A VM's hash chain as `qlog verify --heads-only` reports it: a later `qlog verify`
+/// whose chain has this head at this position, or trimmed past it, shows the store was
+/// not rewritten in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    /// 64 hex digits: the link of the VM's newest stored batch.
+    pub head: String,
+    /// 64 hex digits: the link of its newest trimmed batch (zeros if none was trimmed).
+    pub anchor: String,
+    /// Chained batches ever stored: the head is at position `length - 1`.
+    pub length: u64,
+    /// Chained batches trimmed: the anchor is at position `trimmed - 1`.
+    pub trimmed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -351,6 +351,16 @@ pub fn inspect(file: &Path, identity: Option<&Path>) -> anyhow::Result<ExitCode>
             time(vm.first_usec),
             time(vm.last_usec)
         );
+        if let Some(c) = &vm.chain {
+            println!(
+                "  {:<24} chain head {} (position {}), anchor {} (position {})",
+                "",
+                esc(&c.head),
+                c.length as i128 - 1,
+                esc(&c.anchor),
+                c.trimmed as i128 - 1
+            );
+        }
     }
     let r = &m.redaction;
     if r.enabled {

@@ -190,6 +190,20 @@ fn an_untouched_store_verifies_with_exit_zero() {
     assert!(!heads.vms[0].walked);
     assert_eq!(heads.vms[0].head, chain(&reply, "sd-app").head);
 
+    // A bundle records each VM's head, and inspect shows it.
+    let bundle = sink.dir().join("support.tar.zst");
+    let bundle_arg = bundle.to_str().expect("temp paths are UTF-8");
+    let out = qlog(&sink, &["export", "--no-redact", "-o", bundle_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = qlog(&sink, &["bundle", "inspect", bundle_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let inspect = String::from_utf8_lossy(&out.stdout);
+    for vm in VMS {
+        let c = chain(&reply, vm);
+        let line = format!("chain head {} (position {})", c.head, c.length - 1);
+        assert!(inspect.contains(&line), "{line} not in:\n{inspect}");
+    }
+
     let out = qlog(&sink, &["verify", "sd-ap"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -440,24 +440,7 @@ impl Connection {
         // time is as idle as a silent one, and must not hold its slot forever.
         let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
         loop {
-            let n = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
-                _ = tokio::time::sleep_until(idle_deadline) => {
-                    let message = format!("no complete frame for {} s; reconnect when there is something to send", idle_timeout.as_secs());
-                    return Outcome::Rejected(Rejection::new(ErrorCode::IdleTimeout, message));
-                }
-                r = rd.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => {
-                        return match decoder.finish() {
-                            Ok(()) => Outcome::Eof,
-                            Err(e) => Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
-                        };
-                    }
-                    Ok(n) => n,
-                },
-            };
-            decoder.feed(&buf[..n]);
+            // Frames first: the handshake's last read may have carried some already.
             loop {
                 let (ty, payload) = match decoder.next_frame_ref() {
                     Ok(Some(frame)) => {
@@ -486,6 +469,24 @@ impl Connection {
             if !self.flush().await {
                 return Outcome::Shutdown;
             }
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    let message = format!("no complete frame for {} s; reconnect when there is something to send", idle_timeout.as_secs());
+                    return Outcome::Rejected(Rejection::new(ErrorCode::IdleTimeout, message));
+                }
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => {
+                        return match decoder.finish() {
+                            Ok(()) => Outcome::Eof,
+                            Err(e) => Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
+                        };
+                    }
+                    Ok(n) => n,
+                },
+            };
+            decoder.feed(&buf[..n]);
         }
     }
 

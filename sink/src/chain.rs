@@ -144,6 +144,30 @@ pub fn head(store: &Store, vm: &str) -> Result<VmChain, StoreError> {
     })
 }
 
+/// `qlogd verify`: opens the store in `state_dir` (failing if a qlogd holds it) without
+/// repairing anything, and walks the chains of `vms`, or of every VM with one.
+pub fn verify_offline(
+    state_dir: &std::path::Path,
+    vms: &[String],
+    cache_bytes: u64,
+) -> anyhow::Result<qlog_rpc::query::VerifyReply> {
+    use anyhow::Context;
+    if !state_dir.join("index").is_dir() {
+        anyhow::bail!("{} holds no qlog store (no index directory)", state_dir.display());
+    }
+    let store = Store::open(state_dir, cache_bytes)
+        .context("cannot open the store (while qlogd runs, use qlog verify instead)")?;
+    let known = store.chain_vms()?;
+    if let Some(unknown) = vms.iter().find(|vm| !known.contains(vm)) {
+        anyhow::bail!("no VM {unknown:?} in the store; it has {}", known.join(", "));
+    }
+    let mut vms = if vms.is_empty() { known } else { vms.to_vec() };
+    vms.sort();
+    vms.dedup();
+    let vms = vms.iter().map(|vm| verify(&store, vm)).collect::<Result<Vec<_>, _>>()?;
+    Ok(qlog_rpc::query::VerifyReply { vms })
+}
+
 /// Walks `vm`'s stored batches oldest first, recomputing every content hash and link
 /// from the anchor, and reports the first break (and how many there were).
 ///

@@ -145,6 +145,21 @@ enum Command {
         /// The file to check [default: the --config file].
         file: Option<PathBuf>,
     },
+    /// Check every VM's hash chain in a store qlogd is not running on (else use `qlog
+    /// verify`); exits 1 naming the first broken link of each broken chain.
+    ///
+    /// Opens the store under its lock and reads it without repairing anything.
+    Verify {
+        /// The store [default: --state-dir before the subcommand, the config file's, or
+        /// /var/lib/qlog].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// VMs to check; none means every VM with a chain or stored batches.
+        vms: Vec<String>,
+        /// Print the result as `qlog verify --json` does.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +167,19 @@ fn main() -> ExitCode {
     if let Some(Command::CheckConfig { file }) = &args.command {
         let path = file.clone().unwrap_or_else(|| args.config.clone());
         return check_config(&args, &path);
+    }
+    if let Some(Command::Verify { state_dir, vms, json }) = &args.command {
+        let state_dir = match state_dir {
+            Some(dir) => dir.clone(),
+            None => match read_config(&args.config, true) {
+                Ok(file) => merge(&args, file).state_dir,
+                Err(error) => {
+                    eprintln!("qlogd: {error}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        return verify_offline(&state_dir, vms, *json, args.cache_bytes);
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -183,6 +211,50 @@ fn read_config(path: &Path, missing_ok: bool) -> Result<FileConfig, String> {
         return Ok(FileConfig::default());
     }
     config::load(path)
+}
+
+fn verify_offline(state_dir: &Path, vms: &[String], json: bool, cache_bytes: u64) -> ExitCode {
+    let reply = match qlog_sink::chain::verify_offline(state_dir, vms, cache_bytes) {
+        Ok(reply) => reply,
+        Err(error) => {
+            eprintln!("qlogd: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply).expect("replies serialise"));
+    }
+    let mut broken = 0;
+    for vm in &reply.vms {
+        let name = vm.vm.escape_debug();
+        match &vm.first_break {
+            None if !json => println!(
+                "{name}: ok, {} batches checked ({} unchained, {} trimmed), head {}",
+                vm.batches_checked, vm.unchained, vm.trimmed, vm.head
+            ),
+            None => {}
+            Some(b) => {
+                broken += 1;
+                eprintln!(
+                    "qlogd: the hash chain of VM {name} is broken: first broken link at batch {} (chain position {}): {}: {} ({} breaks in all)",
+                    b.batch_id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
+                    b.position,
+                    b.kind.as_str(),
+                    b.detail.escape_debug(),
+                    vm.broken_links
+                );
+            }
+        }
+    }
+    if broken > 0 {
+        eprintln!(
+            "qlogd: {broken} of {} chains in {} are broken",
+            reply.vms.len(),
+            state_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn check_config(args: &Args, path: &Path) -> ExitCode {

@@ -135,8 +135,21 @@ fn tampered_while_stopped(edit: impl FnOnce(&Path, &sled::Db, &[Entry]) -> (Brea
         db.flush().expect("the edit is written");
         expected
     };
-    sink.restart();
 
+    // Offline, before qlogd repairs anything on start.
+    let out = Command::new(bin_path("qlogd"))
+        .args(["verify", "--json", "--state-dir"])
+        .arg(sink.state_dir())
+        .output()
+        .expect("qlogd can be run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "qlogd verify exits non-zero on a broken chain: {stderr}");
+    let offline: VerifyReply = serde_json::from_slice(&out.stdout).expect("a verify reply");
+    let first = chain(&offline, VICTIM).first_break.as_ref().expect("the break is found");
+    assert_eq!((first.kind, first.batch_id), (kind, Some(batch_id)), "{offline:?}");
+    assert!(stderr.contains(&format!("the hash chain of VM {VICTIM} is broken")), "{stderr}");
+
+    sink.restart();
     let (ok, reply, stderr) = verify(&sink);
     assert!(!ok, "qlog verify exits non-zero on a broken chain: {reply:?}");
     let c = chain(&reply, VICTIM);
@@ -157,6 +170,15 @@ fn tampered_while_stopped(edit: impl FnOnce(&Path, &sled::Db, &[Entry]) -> (Brea
     let row = table.lines().find(|l| l.starts_with(VICTIM)).expect("a row for the victim");
     assert!(row.contains("BROKEN"), "{table}");
     assert!(qlog(&sink, &["verify", "sd-app"]).status.success());
+
+    // A running qlogd holds the store: the offline check says where to go instead.
+    let out = Command::new(bin_path("qlogd"))
+        .args(["verify", "--state-dir"])
+        .arg(sink.state_dir())
+        .output()
+        .expect("qlogd can be run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("use qlog verify"), "{stderr}");
 }
 
 #[test]

@@ -51,6 +51,19 @@ pub enum EventError {
     TrailingBytes { extra: usize },
 }
 
+impl EventError {
+    /// The same error with its offset moved by `by`: for a decoder that read part of a
+    /// larger buffer.
+    fn shifted(self, by: usize) -> EventError {
+        match self {
+            EventError::Truncated { offset, needed } => {
+                EventError::Truncated { offset: offset + by, needed }
+            }
+            other => other,
+        }
+    }
+}
+
 /// Checks a field name against journald's rules and our length limit.
 pub fn validate_field_name(name: &[u8], max_len: u32) -> Result<(), FieldNameError> {
     let lossy = || String::from_utf8_lossy(&name[..name.len().min(64)]).into_owned();
@@ -166,7 +179,9 @@ pub fn encode_event_payload(seq: u64, event: &Event, out: &mut Vec<u8>) {
 pub fn decode_event_payload(payload: &[u8], limits: &Limits) -> Result<(u64, Event), EventError> {
     let mut r = Reader { buf: payload, pos: 0 };
     let seq = r.u64()?;
-    let (event, used) = Event::decode_fields(&payload[r.pos..], limits)?;
+    // Offsets in errors are the payload's, as scan_event_payload reports them.
+    let (event, used) =
+        Event::decode_fields(&payload[r.pos..], limits).map_err(|e| e.shifted(r.pos))?;
     let extra = payload.len() - r.pos - used;
     if extra != 0 {
         return Err(EventError::TrailingBytes { extra });
@@ -276,6 +291,19 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the proptests: decode reported truncation at an offset within the field
+    /// block, scan at an offset within the payload, for the same cut-off event.
+    #[test]
+    fn decode_and_scan_report_truncation_at_the_same_offset() {
+        let mut payload = Vec::new();
+        encode_event_payload(7, &sample(), &mut payload);
+        for cut in 0..payload.len() {
+            let short = &payload[..cut];
+            let full = decode_event_payload(short, &Limits::DEFAULT).map(|_| ());
+            assert_eq!(full, scan_event_payload(short, &Limits::DEFAULT).map(|_| ()), "{cut}");
+        }
+    }
 
     fn sample() -> Event {
         let mut e = Event::new();

@@ -137,6 +137,8 @@ struct Chaos {
     misses: u64,
     cut_bytes: u64,
     removed_segments: u64,
+    /// How long each open's repair scan took, as qlogd logged it.
+    open_ms: Vec<u64>,
     max_restart_ms: u128,
 }
 
@@ -255,6 +257,7 @@ impl Chaos {
             misses: 0,
             cut_bytes: 0,
             removed_segments: 0,
+            open_ms: Vec::new(),
             max_restart_ms: u128::from(env_u64("QLOG_CHAOS_MAX_RESTART_MS").unwrap_or(10_000)),
         }
     }
@@ -446,6 +449,7 @@ impl Chaos {
         assert!(opened.contains(OPENED_INTACT), "qlogd repaired acknowledged data: {opened}");
         self.cut_bytes += field(opened, "cut_bytes");
         self.removed_segments += field(opened, "removed_segments");
+        self.open_ms.push(field(opened, "elapsed_ms"));
     }
 
     /// Starts a new agent for every VM whose agent is dead, after checking its log.
@@ -655,13 +659,14 @@ fn every_acked_event_survives_random_kills_exactly_once() {
     eprintln!(
         "chaos: seed {seed}: {cycles} cycles in {:.1} s, kills {:?} ({} found nothing to \
          kill); {} qlogd restarts on a {} MiB store: median {median} ms, max {max} ms to \
-         serving; open cut {} unacked bytes and removed {} unreferenced segments; {} events \
-         checked",
+         serving (the repair scan itself at most {} ms); open cut {} unacked bytes and \
+         removed {} unreferenced segments; {} events checked",
         started.elapsed().as_secs_f64(),
         chaos.kills,
         chaos.misses,
         restarts.len(),
         dir_size(&chaos.sink.state_dir().join("segments")) >> 20,
+        chaos.open_ms.iter().max().copied().unwrap_or(0),
         chaos.cut_bytes,
         chaos.removed_segments,
         chaos.vms.iter().map(|v| v.checked_seq).sum::<u64>(),

@@ -774,6 +774,8 @@ impl StoreWriter {
             // write itself.
             return Ok(());
         }
+        // The field types differ between targets; on some they are already u64.
+        #[allow(clippy::useless_conversion)]
         let free = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
         let needed = incoming.saturating_add(DISK_RESERVE_BYTES);
         if free < needed {
@@ -1282,6 +1284,22 @@ mod tests {
         assert_eq!((report.batches_checked, report.trimmed, report.length), (4, 0, 4));
         assert_eq!(report.head, chain::hex(&links[3].link));
         assert_eq!(report.anchor, chain::hex(&chain::GENESIS));
+
+        // Everything of b but its accounting gone: the accounting still tells.
+        let mut vm_b = VmState { events_stored: 2, ..VmState::default() };
+        store.db.insert(vm_key("b"), serde_json::to_vec(&vm_b).unwrap()).unwrap();
+        let b_keys: Vec<Vec<u8>> = store.batches("b").map(|b| b.unwrap().key).collect();
+        let saved: Vec<_> = b_keys.iter().map(|k| store.db.remove(k).unwrap().unwrap()).collect();
+        let saved_chain = store.db.remove(chain_key("b")).unwrap().unwrap();
+        let b = first_break(&store, "b");
+        assert_eq!(b.kind, qlog_rpc::query::BreakKind::MissingChainState);
+        for (k, v) in b_keys.iter().zip(saved) {
+            store.db.insert(k, v).unwrap();
+        }
+        store.db.insert(chain_key("b"), saved_chain).unwrap();
+        vm_b.events_stored = 0;
+        store.db.insert(vm_key("b"), serde_json::to_vec(&vm_b).unwrap()).unwrap();
+        intact(&store, "b");
 
         // Trim a's two oldest, as quota does, in the same commit as a new batch.
         let old = a[..2].iter().map(|b| b.key.clone()).collect();

@@ -52,7 +52,11 @@ pub struct IngestContext {
     /// Such a peer has proved nothing, so it gets a pool of its own: over it, a new
     /// connection is closed at once, and a flood of silent or trickling peers cannot use
     /// up `max_connections` for the streams that did complete a handshake. By default,
-    /// [`DEFAULT_MAX_HANDSHAKES`].
+    /// [`DEFAULT_MAX_HANDSHAKES`]. FIXME(per-VM handshakes): the pool is shared, so one
+    /// VM's silent calls can fill it and delay other VMs' new connections by up to the
+    /// handshake timeout; real qrexec holds a qube to about 10 to 25 concurrent calls,
+    /// far below it, but counting each VM's handshakes from its descriptor would close
+    /// this if a deployment ever allowed more.
     handshakes: Arc<Semaphore>,
     max_handshakes: usize,
     /// Replaces the idle timeout derived from the agent's heartbeat interval; only the

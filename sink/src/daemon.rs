@@ -303,3 +303,34 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
         })
         .with_context(|| format!("group {name} does not exist; create it or pass a numeric gid"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Whatever umask qlogd was started with, a socket is born owner-only: nobody else
+    /// can connect in the moment before `bind` gives it its group and mode.
+    #[tokio::test]
+    async fn sockets_are_born_owner_only_under_any_umask() {
+        let dir = std::env::temp_dir().join(format!("qlogd-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("born.sock");
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: umask cannot fail; this test restores it.
+        let previous = unsafe { libc::umask(0) };
+        let bound = bind_owner_only(&path);
+        let born = std::fs::metadata(&path).map(|m| m.mode() & 0o777);
+        // SAFETY: as above.
+        unsafe { libc::umask(previous) };
+        let listener = bound.expect("binds in a temp dir");
+        assert_eq!(born.expect("the socket exists"), 0o600);
+
+        // bind() then opens it to its group, and only that far.
+        drop(listener);
+        std::fs::remove_file(&path).expect("the socket can be removed");
+        let _listener = bind(&path, None).expect("binds again");
+        assert_eq!(std::fs::metadata(&path).expect("exists").mode() & 0o777, 0o660);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -180,6 +180,13 @@ fn a_full_disk_holds_acks_keeps_queries_and_resumes_when_space_returns() {
     assert!(fs.free() < 64 * 1024, "the ballast left {} bytes", fs.free());
     eprintln!("ballast of {} KiB fills the tmpfs", ballast >> 10);
 
+    // First a commit that only touches the index: a VM's malformed frame is counted in
+    // its accounting. On a full disk sled must not even try it (it would fail for good).
+    let (mut bad, _) = RawIngest::handshake(sink.ingest_socket(), "sd-bad", "bad");
+    bad.send_frame(FrameType::Event, b"\xff").unwrap();
+    bad.expect_error(IO_TIMEOUT);
+    wait_for_log(&sink, "the first failed commit", |log| count(log, COMMIT_FAILED) >= 1);
+
     // 2,000 more lines for the agent, on a thread: it may stop reading while nothing is
     // acked. And 10 events on the raw session, whose acks we read ourselves.
     let mut stdin = File::from(agent.stdin().as_fd().try_clone_to_owned().unwrap());
@@ -195,6 +202,7 @@ fn a_full_disk_holds_acks_keeps_queries_and_resumes_when_space_returns() {
     let cpu_before = cpu_ticks(sink.pid());
     let full_since = Instant::now();
     let log = wait_for_log(&sink, "three commit retries", |log| count(log, COMMIT_RETRY) >= 3);
+    assert!(sink.is_running(), "qlogd exited on a full disk:\n{}", sink.log_tail());
     let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert_eq!(errors.len(), 1, "one ERROR while the disk is full: {errors:#?}");
     assert!(errors[0].contains(COMMIT_FAILED), "{}", errors[0]);
@@ -227,7 +235,9 @@ fn a_full_disk_holds_acks_keeps_queries_and_resumes_when_space_returns() {
 
     // Space returns: qlogd resumes on its own, and every event is acked and stored once.
     std::fs::remove_file(fs.path().join("ballast")).unwrap();
-    wait_for_log(&sink, "recovery", |log| count(log, COMMIT_RECOVERED) >= 1);
+    let log = wait_for_log(&sink, "recovery", |log| count(log, COMMIT_RECOVERED) >= 1);
+    let recovered = log.lines().find(|l| l.contains(COMMIT_RECOVERED)).expect("waited for");
+    eprintln!("and once space returns:\n{recovered}");
     assert_eq!(raw.expect_ack(10, DEADLINE), 10);
     raw.send_end(10).unwrap();
     feeder.join().expect("every line was written");

@@ -448,8 +448,22 @@ fn never_reads(sink: &RunningSink) -> String {
     format!("{FLOOD} events ({} KiB) stored in {stored_in:.2?}, no ack read", flood.len() / 1024)
 }
 
+/// Raises this process's descriptor limit to its hard limit, before qlogd inherits it:
+/// the burst holds 1,000 connections, and a soft limit of 1,024 is common.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(limit.rlim_cur >= 2048, "the burst needs 2,048 descriptors; the limit is {limit:?}");
+}
+
 #[test]
 fn abusive_connections_neither_starve_a_streaming_vm_nor_grow_memory() {
+    raise_descriptor_limit();
     let args = [
         "--handshake-timeout".to_owned(),
         HANDSHAKE_TIMEOUT.as_secs().to_string(),

@@ -177,6 +177,10 @@ pub fn commit_failed(error: &StoreError, attempt: u32) {
     tracing::debug!(error = %error, attempt, "commit failed again; retrying");
 }
 
+pub fn reserve_released(reserve: &Path) {
+    tracing::error!(reserve = %reserve.display(), "the disk is full: released the reserve file to open the store; queries work, acks wait for free space");
+}
+
 pub fn index_failed(error: &StoreError) {
     tracing::error!(error = %error, "the index failed a write and must be reopened: exiting for a restart, nothing unacknowledged was acked");
 }

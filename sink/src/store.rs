@@ -129,6 +129,11 @@ impl StoreError {
 /// commits that add data are refused while less than this would remain.
 pub const DISK_RESERVE_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The file in the state dir that holds [`RESERVE_FILE_BYTES`] for opening the store on
+/// a disk that something else filled: sled writes as it opens.
+pub const RESERVE_FILE: &str = "reserve";
+pub const RESERVE_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Free space a commit that only changes the index (accounting, deletions by quota or
 /// retention) needs: sled's own writes are small, but must never meet a full disk.
 pub const INDEX_ONLY_FREE_BYTES: u64 = 1024 * 1024;
@@ -264,14 +269,27 @@ impl Store {
         let segments = state_dir.join("segments");
         std::fs::create_dir_all(&segments).map_err(open_err)?;
         let path = state_dir.join("index");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(cache_bytes)
-            // We flush ourselves after every commit cycle, before acking; a background
-            // flush would only add writes.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Sled { path: path.clone(), source })?;
+        let open_index = || {
+            sled::Config::new()
+                .path(&path)
+                .cache_capacity(cache_bytes)
+                // We flush ourselves after every commit cycle, before acking; a background
+                // flush would only add writes.
+                .flush_every_ms(None)
+                .open()
+        };
+        // sled writes as it opens, so on a full disk it cannot: the reserve file kept for
+        // this moment makes the room, and qlogd starts and answers queries.
+        let reserve = state_dir.join(RESERVE_FILE);
+        let db = match open_index() {
+            Ok(db) => db,
+            Err(_) if std::fs::remove_file(&reserve).is_ok() => {
+                crate::log_events::reserve_released(&reserve);
+                open_index().map_err(|source| StoreError::Sled { path: path.clone(), source })?
+            }
+            Err(source) => return Err(StoreError::Sled { path, source }),
+        };
+        keep_reserve(&reserve);
         Ok(Store { db, path, segments, _lock: std::sync::Arc::new(lock) })
     }
 
@@ -571,6 +589,47 @@ impl Store {
     }
 }
 
+/// Free bytes for us on the filesystem holding `path`, if it can be told.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let path = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data, and zeroed is a valid value for it.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid C string and `stat` is valid for writes.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    // The field types differ between targets; on some they are already u64.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
+}
+
+/// Creates the reserve file if it is missing and the disk has room for it to spare;
+/// best effort, since a store without one only loses the full-disk start.
+/// FIXME(a second full disk before the next restart): a released reserve comes back
+/// only at the next open; re-create it when commits recover if disks fill repeatedly.
+fn keep_reserve(reserve: &Path) {
+    if reserve.exists() {
+        return;
+    }
+    let dir = reserve.parent().expect("the reserve lives in the state dir");
+    let room = RESERVE_FILE_BYTES + DISK_RESERVE_BYTES;
+    if free_bytes(dir).is_none_or(|free| free < room) {
+        return;
+    }
+    // Real bytes, not a sparse file: the point is to hold the blocks.
+    let partial = reserve.with_extension("partial");
+    let written = File::create(&partial).and_then(|mut file| {
+        let block = vec![0u8; 64 * 1024];
+        for _ in 0..RESERVE_FILE_BYTES / block.len() as u64 {
+            file.write_all(&block)?;
+        }
+        file.sync_all()
+    });
+    if written.and_then(|()| std::fs::rename(&partial, reserve)).is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+}
+
 fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
@@ -771,19 +830,8 @@ impl StoreWriter {
     /// own segments fill the disk the set is refused until space is freed outside; commit
     /// a set's deletions first if quota sums above the disk must heal by themselves.
     fn check_free_space(&self, needed: u64) -> Result<(), StoreError> {
-        let path = CString::new(self.store.segments.as_os_str().as_bytes())
-            .expect("the state dir path holds no NUL");
-        // SAFETY: statvfs is plain data, and zeroed is a valid value for it.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: the path is a valid C string and `stat` is valid for writes.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-            // Unknown free space is no reason to stop; a real shortage still fails the
-            // write itself.
-            return Ok(());
-        }
-        // The field types differ between targets; on some they are already u64.
-        #[allow(clippy::useless_conversion)]
-        let free = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
+        // Unknown free space is no reason to stop; a real shortage still fails the write.
+        let Some(free) = free_bytes(&self.store.segments) else { return Ok(()) };
         if free < needed {
             return Err(StoreError::DiskFull { path: self.store.segments.clone(), free, needed });
         }

@@ -318,3 +318,36 @@ fn quotas_that_fit_the_disk_keep_a_flood_from_filling_it() {
         assert!(info.events_dropped_quota > 0, "{info:?}");
     }
 }
+
+#[test]
+fn qlogd_restarted_on_a_full_disk_serves_queries_and_stores_once_space_returns() {
+    if !JournalNamespace::require_root() {
+        return;
+    }
+    let fs = TinyFs::mount(24 << 20);
+    let mut sink = RunningSink::start(SinkOptions {
+        state_dir: Some(fs.path().join("state")),
+        ..SinkOptions::default()
+    });
+    let first: Vec<Event> = (1..=100).map(event).collect();
+    assert_eq!(ingest_events(&sink, "sd-app", "raw", &first).unwrap(), 100);
+
+    // A crash, or a reboot, while the disk is full: qlogd must come back for queries.
+    fs.fill("ballast");
+    sink.kill9();
+    sink.restart();
+    let stored = query_events(sink.query_socket(), &EventsQuery::default()).expect("answers");
+    assert_eq!(stored.len(), 100);
+
+    // New events wait for space, then are stored once.
+    let ingest_socket = sink.ingest_socket().to_owned();
+    let sender = std::thread::spawn(move || {
+        let more: Vec<Event> = (101..=200).map(event).collect();
+        qlog_tests::ingest::ingest_events_at(&ingest_socket, "sd-app", "raw", &more)
+    });
+    wait_for_log(&sink, "the failed commit", |log| count(log, COMMIT_FAILED) >= 1);
+    std::fs::remove_file(fs.path().join("ballast")).unwrap();
+    assert_eq!(sender.join().unwrap().expect("stored once space returned"), 200);
+    let stored = query_events(sink.query_socket(), &EventsQuery::default()).expect("answers");
+    assert_eq!(stored.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=200).collect::<Vec<_>>());
+}

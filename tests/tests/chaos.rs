@@ -545,6 +545,9 @@ impl Chaos {
         for vm in &self.vms {
             let info = table.vms.iter().find(|i| i.vm == vm.name).expect("every VM is listed");
             assert_eq!(info.events_stored, vm.checked_seq, "{info:?}");
+            // The resume point is the last stored seq: nothing above it, no hole below.
+            let resume: Vec<u64> = info.streams.iter().map(|s| s.last_seq).collect();
+            assert_eq!(resume, vec![vm.checked_seq], "{info:?}");
         }
     }
 }

@@ -223,6 +223,17 @@ pub fn verify(store: &Store, vm: &str) -> Result<VmChain, StoreError> {
         }
     }
     walk.finish()?;
+    // Nothing at all is left of the VM's batches and chain: only its accounting can say
+    // something was there.
+    if !walk.has_state && last_key.is_none() {
+        let stored = store.load_vms()?.get(vm).map_or(0, |v| v.events_stored);
+        if stored > 0 {
+            let detail = format!(
+                "the VM's accounting says {stored} records are stored, but it has no batches and no chain state"
+            );
+            walk.record(BreakKind::MissingChainState, None, detail);
+        }
+    }
     Ok(walk.report)
 }
 

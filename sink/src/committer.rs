@@ -398,7 +398,7 @@ impl Committer {
             self.push_own(cycle, event);
         }
         self.own.ticks += 1;
-        if self.own.ticks % OWN_METRICS_EVERY == 0 {
+        if self.own.ticks.is_multiple_of(OWN_METRICS_EVERY) {
             self.sample_own(now);
         }
     }

@@ -58,9 +58,9 @@ const COMMIT_QUEUE: usize = 64;
 const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 /// Pause after a failed accept (see `accept_failed`).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
-/// Budget for connections to finish after a shutdown signal.
 /// How often the committer judges every VM's health.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Budget for connections to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
 pub fn run(config: Config) -> anyhow::Result<()> {

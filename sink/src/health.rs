@@ -147,7 +147,6 @@ impl HealthBook {
         let mut names: Vec<String> = stored.keys().cloned().collect();
         names.extend(self.settings.expected.iter().cloned());
         names.extend(self.vms.keys().cloned());
-        names.push(self.settings.sink_name.clone());
         names.sort();
         names.dedup();
         let mut out = BTreeMap::new();
@@ -156,6 +155,10 @@ impl HealthBook {
         let started = self.started_usec;
         let grace = settings.startup_grace_secs.saturating_mul(1_000_000);
         for name in names {
+            // qlogd itself is listed once it has stored something, like any VM.
+            if name == settings.sink_name && !stored.contains_key(&name) {
+                continue;
+            }
             let first_seen = stored.get(&name).map_or(0, |s| s.first_seen_usec);
             let l = self.vm(&name);
             let interval = l.heartbeat_secs.unwrap_or(DEFAULT_HEARTBEAT_SECS);
@@ -330,7 +333,9 @@ mod tests {
         let (h, t) = b.evaluate(T0 + 3600 * S, &HashMap::new());
         assert_eq!(h["sd-never"].state, HealthState::NeverSeen);
         assert!(t.contains(&Transition::NeverSeen { vm: "sd-never".into() }));
-        assert_eq!(h["sd-log"].state, HealthState::Ok);
+        assert!(!h.contains_key("sd-log"), "listed only once it stored something");
+        let stored = HashMap::from([("sd-log".to_string(), VmState::default())]);
+        assert_eq!(b.evaluate(T0 + 7200 * S, &stored).0["sd-log"].state, HealthState::Ok);
     }
 
     #[test]

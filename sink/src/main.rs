@@ -268,6 +268,13 @@ fn check_config(args: &Args, path: &Path) -> ExitCode {
             println!("vm_quota = {} bytes", c.settings.vm_quota_bytes);
             println!("retention_days = {}", c.settings.retention.as_secs() / 86_400);
             println!("expected_vms = {:?}", c.settings.expected_vms);
+            println!("name = {}", c.settings.sink_name);
+            println!("rollup_retention_days = {}", c.settings.rollup_retention.as_secs() / 86_400);
+            let h = &c.settings.health;
+            println!(
+                "[health] lag_secs = {}, flood_factor = {}, flood_floor_per_minute = {}, startup_grace_secs = {}",
+                h.lag_secs, h.flood_factor, h.flood_floor_per_minute, h.startup_grace_secs
+            );
             println!("rate_limit = {}", c.settings.rate_limit.describe());
             for (vm, o) in &c.settings.overrides {
                 println!(

@@ -134,7 +134,12 @@ async fn run_stats(
     if q.until_usec <= q.since_usec {
         return Err((ErrorCode::BadQuery, "the stats range is empty: --since must be before --until".into()));
     }
-    let known = ctx.shared.known_vms();
+    let mut known = ctx.shared.known_vms();
+    // qlogd's own metrics are kept under its name before it has stored any event.
+    let own = ctx.shared.sink_name().to_owned();
+    if !known.contains(&own) {
+        known.push(own);
+    }
     let unknown: Vec<&String> = q.vms.iter().filter(|v| !known.contains(v)).collect();
     if !unknown.is_empty() {
         let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");

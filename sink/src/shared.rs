@@ -113,6 +113,11 @@ impl Shared {
         }
     }
 
+    /// The log qube's own name, under which qlogd records itself.
+    pub fn sink_name(&self) -> &str {
+        &self.settings.sink_name
+    }
+
     pub fn set_health(&self, health: BTreeMap<String, Health>) {
         *self.health.lock().expect("health table lock is never poisoned") = health;
     }

@@ -278,7 +278,7 @@ fn frames_over_the_limit_are_rejected_from_their_header() {
         assert_eq!(error.code, ErrorCode::BadFrame, "{error:?}");
 
         // A 4 GiB event, and a frame type nobody assigned, after a good handshake.
-        for header in [[0xff, 0xff, 0xff, 0xff, FrameType::Event as u8], [0, 0, 0, 1, 0x09]] {
+        for header in [[0xff, 0xff, 0xff, 0xff, FrameType::Event as u8], [0, 0, 0, 1, 0x1f]] {
             let (mut conn, _) = RawIngest::handshake(sink.ingest_socket(), "sd-big", "journal");
             conn.send_bytes(&header).expect("qlogd reads the header");
             let (error, before) = rejection(&mut conn);

@@ -443,6 +443,7 @@ impl Connection {
         // Only a whole frame moves the deadline: a peer trickling a frame a byte at a
         // time is as idle as a silent one, and must not hold its slot forever.
         let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
+        let mut filled = false;
         loop {
             // Frames first: the handshake's last read may have carried some already.
             loop {
@@ -473,6 +474,12 @@ impl Connection {
             if !self.flush().await {
                 return Outcome::Shutdown;
             }
+            // One full read buffer of work per turn: a peer that always has more input
+            // (a flooding VM) would otherwise keep a runtime worker until tokio's budget
+            // runs out, a hundred buffers later, while other VMs' frames wait.
+            if filled {
+                tokio::task::yield_now().await;
+            }
             let n = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
@@ -490,6 +497,7 @@ impl Connection {
                     Ok(n) => n,
                 },
             };
+            filled = n == buf.len();
             decoder.feed(&buf[..n]);
         }
     }

@@ -89,6 +89,15 @@ pub struct FloodReport {
     pub resumes_checked: u64,
 }
 
+/// What one flooder stream sent.
+struct StreamOutcome {
+    stream: String,
+    last: u64,
+    clean: u64,
+    garbage: u64,
+    resumes: u64,
+}
+
 /// A VM sending as fast as it can on `streams` streams at once, each a sequence of
 /// sessions of [`FLOOD_SESSION_EVENTS`] events written without waiting, every other
 /// session ending in a garbage frame instead of End; plus one thread opening garbage
@@ -96,7 +105,7 @@ pub struct FloodReport {
 pub struct Flooder {
     stop: Arc<AtomicBool>,
     garbage_connections: Arc<AtomicU64>,
-    streams: Vec<JoinHandle<(String, u64, u64, u64, u64)>>,
+    streams: Vec<JoinHandle<StreamOutcome>>,
     garbage: JoinHandle<()>,
 }
 
@@ -123,7 +132,7 @@ impl Flooder {
         self.stop.store(true, Ordering::Relaxed);
         let mut report = FloodReport::default();
         for h in self.streams {
-            let (stream, last, clean, garbage, resumes) =
+            let StreamOutcome { stream, last, clean, garbage, resumes } =
                 h.join().expect("flooder threads do not panic");
             report.streams.push((stream, last));
             report.clean_sessions += clean;
@@ -136,13 +145,8 @@ impl Flooder {
     }
 }
 
-/// Returns (stream, last seq sent, clean sessions, garbage sessions, resumes checked).
-fn flood_stream(
-    ingest: &Path,
-    vm: &str,
-    stream: &str,
-    stop: &AtomicBool,
-) -> (String, u64, u64, u64, u64) {
+/// One stream of the flooder: sessions back to back until told to stop.
+fn flood_stream(ingest: &Path, vm: &str, stream: &str, stop: &AtomicBool) -> StreamOutcome {
     let (mut last, mut clean, mut garbage, mut resumes) = (0u64, 0u64, 0u64, 0u64);
     let mut payload = Vec::new();
     let mut session = 0u64;
@@ -172,7 +176,7 @@ fn flood_stream(
             encode(FrameType::Event, &payload, &mut frames);
         }
         last += FLOOD_SESSION_EVENTS;
-        let with_garbage = session % 2 == 0;
+        let with_garbage = session.is_multiple_of(2);
         if with_garbage {
             // A frame of a type the protocol does not have (length, type, payload): the
             // sink ends the session.
@@ -204,7 +208,7 @@ fn flood_stream(
             clean += 1;
         }
     }
-    (stream.to_owned(), last, clean, garbage, resumes)
+    StreamOutcome { stream: stream.to_owned(), last, clean, garbage, resumes }
 }
 
 /// Opens connections that break the protocol in turn: bytes that are no descriptor, a

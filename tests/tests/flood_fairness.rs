@@ -166,3 +166,23 @@ fn a_million_event_burst_from_one_vm_stays_under_128_mib() {
     assert_eq!(info.events_stored - gaps + info.events_refused_rate, BURST_EVENTS, "{info:?}");
     assert_eq!(info.streams[0].last_seq, BURST_EVENTS, "{info:?}");
 }
+
+#[test]
+fn a_million_event_burst_with_rate_limits_off_is_stored_whole_under_128_mib() {
+    let sink = RunningSink::start(SinkOptions {
+        args: ["--rate-limit-events-per-sec", "0", "--rate-limit-bytes-per-sec", "0"]
+            .map(Into::into)
+            .to_vec(),
+        ..SinkOptions::default()
+    });
+    let started = std::time::Instant::now();
+    assert_eq!(flood::burst(sink.ingest_socket(), "sd-burst", BURST_EVENTS), BURST_EVENTS);
+    eprintln!("unlimited burst of {BURST_EVENTS} acknowledged in {:?}", started.elapsed());
+
+    // What bounds memory is the queue to the committer, not the bucket.
+    let peak = flood::peak_rss_kib(sink.pid());
+    let info = vm_info(&sink, "sd-burst");
+    eprintln!("qlogd peak RSS after the unlimited burst: {} MiB", peak / 1024);
+    assert!(peak < MAX_PEAK_RSS_KIB, "qlogd peaked at {peak} KiB");
+    assert_eq!((info.events_stored, info.events_refused_rate), (BURST_EVENTS, 0), "{info:?}");
+}

@@ -12,6 +12,18 @@
 //! side, interleaved, on the same questions: the last 100 events of one VM, a filtered
 //! query, a 1% time window, a regex scan and a full JSON dump. It prints the medians and
 //! journalctl's time over qlog's, and writes them to a JSON file.
+//!
+//! `qlog-bench flood` runs the flood-fairness scenario of `tests/tests/flood_fairness.rs`
+//! (the actors are `qlog_tests::flood`) against one qlogd: seven VMs at 200 events/s
+//! each, first alone, then while an eighth floods as fast as it can with garbage mixed
+//! in, held by its token bucket. The peer is the same honest traffic without the flood:
+//! it prints the ingest-to-visible latency (send to arrival on a live follower) of the
+//! honest events, p50 and p99 for both phases and the ratio, what the bucket refused,
+//! and qlogd's peak RSS after a one-VM burst of `--events` events (1,000,000 by
+//! default), once under the default limits and once with rate limits off.
+//!
+//! The ingest and query benchmarks turn qlogd's rate limit off: they measure how fast it
+//! stores, not how it refuses.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -28,6 +40,9 @@ use qlog_tests::machine;
 use qlog_tests::workload::{write_export, Workload};
 
 const JOURNAL_REMOTE: &str = "/lib/systemd/systemd-journal-remote";
+/// qlogd flags that turn its per-VM rate limit off.
+const NO_RATE_LIMIT: [&str; 4] =
+    ["--rate-limit-events-per-sec", "0", "--rate-limit-bytes-per-sec", "0"];
 
 struct Options {
     events: u64,
@@ -39,6 +54,11 @@ struct Options {
     out: PathBuf,
     /// Timed runs of each command in `query`; by default 20.
     runs: usize,
+    /// Seconds of each phase of `flood`; by default 20.
+    seconds: u64,
+    /// The flooder's bucket in `flood`: events/s and burst; by default 1,000 and 10,000.
+    flood_rate: u64,
+    flood_burst: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +71,9 @@ fn main() -> anyhow::Result<()> {
         seed: 1,
         out: PathBuf::from("bench-results"),
         runs: 20,
+        seconds: 20,
+        flood_rate: 1_000,
+        flood_burst: 10_000,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -60,14 +83,18 @@ fn main() -> anyhow::Result<()> {
             "--seed" => opts.seed = args.next().context("--seed needs a number")?.parse()?,
             "--out" => opts.out = args.next().context("--out needs a directory")?.into(),
             "--runs" => opts.runs = args.next().context("--runs needs a number")?.parse()?,
-            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query] [--events N] [--vms 1,8] [--runs N] [--seed N] [--out DIR] [--keep]"),
+            "--seconds" => opts.seconds = args.next().context("--seconds needs a number")?.parse()?,
+            "--flood-rate" => opts.flood_rate = args.next().context("--flood-rate needs a number")?.parse()?,
+            "--flood-burst" => opts.flood_burst = args.next().context("--flood-burst needs a number")?.parse()?,
+            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep]"),
         }
     }
     match what.as_str() {
         "ingest" => ingest(&opts),
         "query" => query(&opts),
+        "flood" => flood(&opts),
         "all" => all(&opts),
-        other => bail!("unknown benchmark {other}; available: ingest, query, all"),
+        other => bail!("unknown benchmark {other}; available: ingest, query, flood, all"),
     }
 }
 
@@ -77,6 +104,7 @@ fn main() -> anyhow::Result<()> {
 fn all(opts: &Options) -> anyhow::Result<()> {
     ingest(opts)?;
     query(opts)?;
+    flood(opts)?;
     let footprint = sibling_binary("qlog-footprint")?;
     for what in ["agent", "latency"] {
         let status = Command::new(&footprint).arg(what).arg("--out").arg(&opts.out).status()?;
@@ -85,7 +113,7 @@ fn all(opts: &Options) -> anyhow::Result<()> {
         }
     }
     let mut summary = serde_json::Map::new();
-    for name in ["ingest", "query", "agent", "latency"] {
+    for name in ["ingest", "query", "flood", "agent", "latency"] {
         let path = opts.out.join(format!("{name}.json"));
         if let Ok(bytes) = std::fs::read(&path) {
             summary.insert(name.into(), serde_json::from_slice(&bytes)?);
@@ -266,6 +294,7 @@ fn run_qlogd(
         .arg(&ingest)
         .arg("--query-socket")
         .arg(dir.join("query.sock"))
+        .args(NO_RATE_LIMIT)
         .arg("--log-level")
         .arg("warn")
         .env("NOTIFY_SOCKET", &notify_path)
@@ -841,6 +870,7 @@ impl QuerySink {
             .arg(&ingest_socket)
             .arg("--query-socket")
             .arg(&query_socket)
+            .args(NO_RATE_LIMIT)
             .arg("--log-level")
             .arg("warn")
             .env("NOTIFY_SOCKET", &notify_path)
@@ -897,4 +927,233 @@ fn now_usec() -> u64 {
 /// The shared UTC timestamp with the zone spelled out.
 fn utc_timestamp_utc(usec: u64) -> String {
     format!("{} UTC", qlog_tests::utc_timestamp(usec))
+}
+
+// ---- qlog-bench flood ------------------------------------------------------------------
+
+/// Honest VMs in the flood benchmark, and the events/s each sends.
+const FLOOD_HONEST_VMS: usize = 7;
+const FLOOD_HONEST_RATE: u64 = 200;
+const FLOODER: &str = "bench-flooder";
+/// Streams the flooder sends on at once.
+const FLOOD_STREAMS: usize = 4;
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct LatencyPhase {
+    phase: String,
+    /// Honest events sent, and how many arrived on the follower.
+    sent: u64,
+    seen: u64,
+    /// Events the follower was told it missed (a lagging follower).
+    lagged: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One phase: the honest VMs send for `seconds` (the flooder, if any, is already
+/// running), and a follower started before them measures each event's latency.
+fn honest_phase(
+    sink: &qlog_tests::RunningSink,
+    names: &[String],
+    seconds: u64,
+    phase: &str,
+) -> anyhow::Result<LatencyPhase> {
+    use qlog_rpc::query::EventsQuery;
+    use qlog_tests::query::FollowItem;
+
+    let per_vm = FLOOD_HONEST_RATE * seconds;
+    let sent = per_vm * names.len() as u64;
+    // Every VM, filtered here: a follow query may only name VMs qlogd already knows.
+    let query = EventsQuery::default();
+    let honest = names.to_vec();
+    let mut follower = qlog_tests::Follower::start(sink.query_socket(), query)?;
+    follower.wait_done(Duration::from_secs(60));
+    let collector = std::thread::spawn(move || {
+        let mut latencies = Vec::with_capacity(sent as usize);
+        let deadline = Instant::now() + Duration::from_secs(seconds + 60);
+        while (latencies.len() as u64 + follower.lagged_missed()) < sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match follower.recv(left) {
+                Some(FollowItem::Record(r)) if honest.contains(&r.vm) => {
+                    let now = now_usec();
+                    let sent_usec: Option<u64> =
+                        r.event.get_str(qlog_tests::flood::SENT_USEC).and_then(|v| v.parse().ok());
+                    if let Some(t) = sent_usec {
+                        latencies.push(now.saturating_sub(t) as f64 / 1e3);
+                    }
+                }
+                Some(FollowItem::Record(_) | FollowItem::Done(_) | FollowItem::Lagged(_)) => {}
+                Some(_) | None => break,
+            }
+        }
+        (latencies, follower.lagged_missed())
+    });
+    std::thread::scope(|scope| {
+        for vm in names {
+            let ingest = sink.ingest_socket();
+            scope.spawn(move || qlog_tests::flood::paced_vm(ingest, vm, FLOOD_HONEST_RATE, per_vm));
+        }
+    });
+    let (mut latencies, lagged) = collector.join().expect("the collector does not panic");
+    latencies.sort_by(f64::total_cmp);
+    Ok(LatencyPhase {
+        phase: phase.to_owned(),
+        sent,
+        seen: latencies.len() as u64,
+        lagged,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        p999_ms: percentile(&latencies, 99.9),
+        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct BurstMeasure {
+    limits: String,
+    events: u64,
+    seconds: f64,
+    stored: u64,
+    refused: u64,
+    peak_rss_kib: u64,
+}
+
+/// A fresh qlogd takes a burst of `events` from one VM; its peak RSS afterwards.
+fn burst_phase(events: u64, limits: &str, args: &[&str]) -> anyhow::Result<BurstMeasure> {
+    let sink = qlog_tests::RunningSink::start(qlog_tests::SinkOptions {
+        log_level: Some("warn".into()),
+        args: args.iter().map(Into::into).collect(),
+        ..qlog_tests::SinkOptions::default()
+    });
+    let start = Instant::now();
+    let last = qlog_tests::flood::burst(sink.ingest_socket(), "bench-burst", events);
+    let seconds = start.elapsed().as_secs_f64();
+    if last != events {
+        bail!("qlogd ended the burst at {last}, not {events}");
+    }
+    let peak_rss_kib = qlog_tests::flood::peak_rss_kib(sink.pid());
+    let vms = qlog_tests::query_vms(sink.query_socket())?;
+    let info = vms.vms.iter().find(|v| v.vm == "bench-burst").context("the burst VM is known")?;
+    Ok(BurstMeasure {
+        limits: limits.to_owned(),
+        events,
+        seconds,
+        stored: info.events_stored,
+        refused: info.events_refused_rate,
+        peak_rss_kib,
+    })
+}
+
+fn flood(opts: &Options) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.out)?;
+    let work = tempdir()?;
+    println!("machine: {}", machine());
+    println!(
+        "flood: {FLOOD_HONEST_VMS} VMs at {FLOOD_HONEST_RATE} events/s for {} s, alone then beside {FLOODER} \
+         ({FLOOD_STREAMS} streams as fast as it can, garbage mixed in; bucket {} events/s, burst {})\n",
+        opts.seconds, opts.flood_rate, opts.flood_burst
+    );
+    let config =
+        qlog_tests::flood::write_flood_config(&work, FLOODER, opts.flood_rate, opts.flood_burst);
+    let sink = qlog_tests::RunningSink::start(qlog_tests::SinkOptions {
+        log_level: Some("warn".into()),
+        args: vec!["--config".into(), config.into_os_string()],
+        ..qlog_tests::SinkOptions::default()
+    });
+    let names: Vec<String> = (0..FLOOD_HONEST_VMS).map(|i| format!("bench-honest{i}")).collect();
+
+    let alone = honest_phase(&sink, &names, opts.seconds, "without flood")?;
+    let flooder = qlog_tests::flood::Flooder::start(sink.ingest_socket(), FLOODER, FLOOD_STREAMS);
+    let flooded = honest_phase(&sink, &names, opts.seconds, "with flood")?;
+    let report = flooder.stop();
+    let flood_rss_kib = qlog_tests::flood::peak_rss_kib(sink.pid());
+    let vms = qlog_tests::query_vms(sink.query_socket())?;
+    let flood_info =
+        vms.vms.iter().find(|v| v.vm == FLOODER).context("the flooder is known")?.clone();
+    let honest_refused: u64 =
+        vms.vms.iter().filter(|v| v.vm != FLOODER).map(|v| v.events_refused_rate).sum();
+    let flood_sent: u64 = report.streams.iter().map(|(_, last)| last).sum();
+    drop(sink);
+
+    let bursts = vec![
+        burst_phase(opts.events, "default", &[])?,
+        burst_phase(opts.events, "off", &NO_RATE_LIMIT)?,
+    ];
+
+    println!(
+        "{:<14} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "phase", "sent", "seen", "lagged", "p50 ms", "p99 ms", "p99.9 ms", "max ms"
+    );
+    for p in [&alone, &flooded] {
+        println!(
+            "{:<14} {:>8} {:>8} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            p.phase, p.sent, p.seen, p.lagged, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms
+        );
+    }
+    let ratio = flooded.p99_ms / alone.p99_ms;
+    println!(
+        "\np99 with flood / p99 without: x{ratio:.2} (p50 x{:.2})",
+        flooded.p50_ms / alone.p50_ms
+    );
+    println!(
+        "{FLOODER}: sent {flood_sent} events in {} sessions ({} ended in garbage) plus {} garbage connections; \
+         stored {}, refused {}, rejected {}; honest VMs refused {honest_refused}",
+        report.clean_sessions + report.garbage_sessions,
+        report.garbage_sessions,
+        report.garbage_connections,
+        flood_info.events_stored,
+        flood_info.events_refused_rate,
+        flood_info.frames_rejected
+    );
+    println!("qlogd peak RSS over both phases: {} MiB", flood_rss_kib / 1024);
+    println!();
+    for b in &bursts {
+        println!(
+            "burst of {} events from one VM, rate limits {:<7}: {:.1} s, stored {}, refused {}, qlogd peak RSS {} MiB",
+            b.events,
+            b.limits,
+            b.seconds,
+            b.stored,
+            b.refused,
+            b.peak_rss_kib / 1024
+        );
+    }
+
+    let path = opts.out.join("flood.json");
+    let doc = serde_json::json!({
+        "benchmark": "flood",
+        "machine": machine(),
+        "seconds": opts.seconds,
+        "honest_vms": FLOOD_HONEST_VMS,
+        "honest_rate": FLOOD_HONEST_RATE,
+        "flood_bucket": { "events_per_sec": opts.flood_rate, "burst_events": opts.flood_burst },
+        "phases": [alone, flooded],
+        "p99_ratio": ratio,
+        "flooder": {
+            "sent": flood_sent,
+            "sessions": report.clean_sessions + report.garbage_sessions,
+            "garbage_sessions": report.garbage_sessions,
+            "garbage_connections": report.garbage_connections,
+            "stored": flood_info.events_stored,
+            "refused": flood_info.events_refused_rate,
+            "rejected": flood_info.frames_rejected,
+        },
+        "honest_refused": honest_refused,
+        "peak_rss_kib": flood_rss_kib,
+        "bursts": bursts,
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+    println!("\nresults written to {}", path.display());
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }

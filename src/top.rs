@@ -32,6 +32,9 @@ pub struct TopArgs {
     pub no_color: bool,
 }
 
+/// Each VM's [`totals`] at one moment.
+type Totals = HashMap<String, (u64, u64)>;
+
 /// Events and bytes a VM has ever had stored: monotonic, unlike what is stored now.
 fn totals(vm: &VmInfo) -> (u64, u64) {
     (vm.events_stored + vm.events_dropped_quota + vm.events_expired, vm.bytes_stored)
@@ -42,12 +45,12 @@ pub fn run(socket: &Path, args: &TopArgs) -> anyhow::Result<ExitCode> {
     let interactive = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
     let color = !args.no_color && std::env::var_os("NO_COLOR").is_none() && interactive;
     let _screen = if interactive { Some(Screen::enter()?) } else { None };
-    let mut previous: Option<(Instant, HashMap<String, (u64, u64)>)> = None;
+    let mut previous: Option<(Instant, Totals)> = None;
     let mut frames = 0u64;
     loop {
         let reply = Client::vms(socket)?;
         let now = Instant::now();
-        let snapshot: HashMap<String, (u64, u64)> =
+        let snapshot: Totals =
             reply.vms.iter().map(|v| (v.vm.clone(), totals(v))).collect();
         let rates = previous.as_ref().map(|(at, before)| {
             let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
@@ -68,7 +71,7 @@ pub fn run(socket: &Path, args: &TopArgs) -> anyhow::Result<ExitCode> {
             // Home, draw, clear what the previous frame left below.
             write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\r\n"))
         } else {
-            write!(out, "{text}\n")
+            writeln!(out, "{text}")
         }
         .and_then(|_| out.flush())
         .context("cannot write output")?;

@@ -825,10 +825,13 @@ impl StoreWriter {
 
     /// Refuses a commit unless `needed` bytes are free.
     ///
-    /// FIXME(a store whose quotas add up to more than its disk): the quota trim that
-    /// would make room is in the same set as the batch that needs the room, so once our
-    /// own segments fill the disk the set is refused until space is freed outside; commit
-    /// a set's deletions first if quota sums above the disk must heal by themselves.
+    /// FIXME(a store whose quotas add up to more than its disk, likely with 1 GiB quotas
+    /// on a small log qube): nothing trims for disk pressure, only per-VM quotas, so such
+    /// a store fills to the reserve and then holds every ack until space is freed
+    /// outside; and a quota trim is in the same set as the batch that needs its room, so
+    /// even lowered quotas do not heal it. Commit a set's deletions first, and decide
+    /// whose events a full disk may remove, before quota sums above the disk are
+    /// supported; until then `qlogd check-config` should compare them.
     fn check_free_space(&self, needed: u64) -> Result<(), StoreError> {
         // Unknown free space is no reason to stop; a real shortage still fails the write.
         let Some(free) = free_bytes(&self.store.segments) else { return Ok(()) };

@@ -11,8 +11,14 @@
 //! allows for two races: batches committed after it read the chain state (positions past
 //! the head it knows: it re-reads the state, and only a batch still past the head is a
 //! break) and batches trimmed while it walks (any break is checked against a fresh state:
-//! if the anchor moved, the walk restarts from it and skips what was trimmed). Memory is
+//! if the anchor moved, the walk restarts from it and skips what was trimmed). And since
+//! a sled iterator does not see what is committed into a node it has already read, a
+//! walk that ends short of the newest head reads on from past its last key. Memory is
 //! one batch at a time.
+//!
+//! FIXME(verify priority): a walk hashes as fast as the disk allows on a blocking thread,
+//! competing with the committer for one of the log qube's two cores; throttle it (or
+//! lower the thread's priority) if verifying a big store during a flood slows acks.
 
 use qlog_rpc::query::{BreakKind, ChainBreak, VmChain};
 use sha2::{Digest, Sha256};

@@ -143,6 +143,8 @@ pub struct Settings {
     pub rollup_retention: Duration,
     /// Thresholds for the health states (see `health.rs`).
     pub health: HealthSettings,
+    /// False only to measure what telemetry costs: no rollups, no health ticks.
+    pub telemetry: bool,
     /// How fast each VM may send, unless overridden (see `rate_limit.rs`). By default,
     /// [`RateLimit::default`].
     pub rate_limit: RateLimit,
@@ -263,6 +265,8 @@ impl Committer {
         health_settings.expected = settings.expected_vms.clone();
         health_settings.sink_name = settings.sink_name.clone();
         let health = HealthBook::new(health_settings, now_usec());
+        let rollups =
+            if settings.telemetry { RollupBook::default() } else { RollupBook::disabled() };
         let own = OwnMetrics {
             last_sample: std::time::Instant::now(),
             events: 0,
@@ -277,7 +281,7 @@ impl Committer {
             vms,
             next_batch_id,
             last_stamp,
-            rollups: RollupBook::default(),
+            rollups,
             health,
             own,
         })

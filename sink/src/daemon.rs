@@ -121,7 +121,11 @@ async fn serve(
     let weak = commit_tx.downgrade();
     drop(commit_tx);
     let health_weak = weak.clone();
+    let telemetry = config.settings.telemetry;
     tokio::spawn(async move {
+        if !telemetry {
+            return;
+        }
         let mut tick = tokio::time::interval(HEALTH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

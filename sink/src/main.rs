@@ -115,6 +115,10 @@ struct Args {
     #[arg(long, env = "QLOG_SINK_NAME", value_parser = parse_vm_name)]
     name: Option<String>,
 
+    /// Turns rollups and health off, for the benchmark that measures their cost.
+    #[arg(long, hide = true)]
+    no_telemetry: bool,
+
     /// Days to keep per-minute telemetry rollups (by default 400; events have their own
     /// retention).
     #[arg(long)]
@@ -344,6 +348,7 @@ fn merge(args: &Args, file: FileConfig) -> Config {
             rate_limit,
             expected_vms: file.expected_vms,
             sink_name: args.name.clone().or(file.name).unwrap_or_else(own_name),
+            telemetry: !args.no_telemetry,
             rollup_retention: days(
                 args.rollup_retention_days.or(file.rollup_retention_days).unwrap_or(400),
             ),

@@ -86,15 +86,16 @@ fn main() -> anyhow::Result<()> {
             "--seconds" => opts.seconds = args.next().context("--seconds needs a number")?.parse()?,
             "--flood-rate" => opts.flood_rate = args.next().context("--flood-rate needs a number")?.parse()?,
             "--flood-burst" => opts.flood_burst = args.next().context("--flood-burst needs a number")?.parse()?,
-            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep]"),
+            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|telemetry|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep]"),
         }
     }
     match what.as_str() {
         "ingest" => ingest(&opts),
         "query" => query(&opts),
         "flood" => flood(&opts),
+        "telemetry" => telemetry(&opts),
         "all" => all(&opts),
-        other => bail!("unknown benchmark {other}; available: ingest, query, flood, all"),
+        other => bail!("unknown benchmark {other}; available: ingest, query, flood, telemetry, all"),
     }
 }
 
@@ -105,6 +106,7 @@ fn all(opts: &Options) -> anyhow::Result<()> {
     ingest(opts)?;
     query(opts)?;
     flood(opts)?;
+    telemetry(opts)?;
     let footprint = sibling_binary("qlog-footprint")?;
     for what in ["agent", "latency"] {
         let status = Command::new(&footprint).arg(what).arg("--out").arg(&opts.out).status()?;
@@ -113,7 +115,7 @@ fn all(opts: &Options) -> anyhow::Result<()> {
         }
     }
     let mut summary = serde_json::Map::new();
-    for name in ["ingest", "query", "flood", "agent", "latency"] {
+    for name in ["ingest", "query", "flood", "telemetry", "agent", "latency"] {
         let path = opts.out.join(format!("{name}.json"));
         if let Ok(bytes) = std::fs::read(&path) {
             summary.insert(name.into(), serde_json::from_slice(&bytes)?);
@@ -203,7 +205,7 @@ fn ingest(opts: &Options) -> anyhow::Result<()> {
         } else {
             eprintln!("peer missing: install systemd-journal-remote (apt-get install systemd-journal-remote) for the comparison");
         }
-        let m = run_qlogd(&qlogd, &work.join("qlogd"), &names, frames, entries, input_bytes)?;
+        let m = run_qlogd(&qlogd, &work.join("qlogd"), &names, frames, entries, input_bytes, &[])?;
         results.push(m);
         if opts.keep {
             println!("kept {}", work.display());
@@ -248,6 +250,102 @@ fn ingest(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Events between two heartbeat-and-sample pairs in the telemetry benchmark: 1,000, where
+/// a real agent sends one sample a minute, so this overstates the frames' cost.
+const SAMPLE_EVERY: u64 = 1_000;
+/// Timed runs of each variant, alternating, so drift on a shared machine hits both.
+const TELEMETRY_RUNS: usize = 3;
+
+/// What telemetry costs ingest. The same entries from 8 VMs go to qlogd as it runs by
+/// default (rollups counted and committed with every batch, health judged every second,
+/// its own metrics sampled) with a heartbeat and a telemetry sample every
+/// [`SAMPLE_EVERY`] events per VM, and to qlogd started with `--no-telemetry` without
+/// them. The variants alternate, [`TELEMETRY_RUNS`] runs each; medians are compared.
+fn telemetry(opts: &Options) -> anyhow::Result<()> {
+    let qlogd = sibling_binary("qlogd")?;
+    std::fs::create_dir_all(&opts.out)?;
+    let vms = opts.vm_counts.iter().copied().max().unwrap_or(8);
+    let names: Vec<String> = (0..vms).map(|i| format!("bench-vm{i}")).collect();
+    let per_vm = opts.events / vms as u64;
+    let entries = per_vm * vms as u64;
+    let sample = {
+        let values: serde_json::Map<String, serde_json::Value> = [
+            ("load1", 0.42), ("load5", 0.37), ("load15", 0.30),
+            ("mem_used_bytes", 812e6), ("mem_available_bytes", 3.1e9),
+            ("disk_root_used_bytes", 7.2e9), ("disk_root_total_bytes", 20e9),
+            ("disk_rw_used_bytes", 1.1e9), ("disk_rw_total_bytes", 2e9),
+            ("uptime_secs", 86_400.0), ("agent_events_read", 12_345.0),
+            ("agent_events_sent", 12_340.0), ("agent_events_acked", 12_300.0),
+            ("agent_reconnects", 1.0), ("agent_in_flight", 40.0),
+            ("agent_lag_secs", 0.2), ("agent_journal_restarts", 0.0), ("agent_gaps", 0.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), serde_json::json!(v)))
+        .collect();
+        serde_json::to_vec(&serde_json::json!({ "sent_usec": now_usec(), "values": values }))?
+    };
+    let heartbeat = serde_json::to_vec(&serde_json::json!({ "sent_usec": now_usec(), "interval_secs": 30 }))?;
+    let (mut plain, mut with) = (Vec::new(), Vec::new());
+    let mut input_bytes = 0u64;
+    for name in &names {
+        let mut w = Workload::new(opts.seed, name);
+        let (mut a, mut b, mut payload) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in 1..=per_vm {
+            let e = w.next_event();
+            payload.clear();
+            encode_event_payload(seq, &e, &mut payload);
+            encode(FrameType::Event, &payload, &mut a);
+            encode(FrameType::Event, &payload, &mut b);
+            if seq % SAMPLE_EVERY == 0 {
+                encode(FrameType::Heartbeat, &heartbeat, &mut b);
+                encode(FrameType::Telemetry, &sample, &mut b);
+            }
+        }
+        input_bytes += a.len() as u64;
+        plain.push(a);
+        with.push(b);
+    }
+    println!("machine: {}", machine());
+    println!(
+        "workload: {entries} entries from {vms} VMs, a heartbeat and an 18-value sample every {SAMPLE_EVERY} events per VM\n"
+    );
+    let work = tempdir()?;
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for run in 0..TELEMETRY_RUNS * 2 {
+        let telemetry = run % 2 == 0;
+        let dir = work.join(format!("run{run}"));
+        let (frames, args): (Vec<Vec<u8>>, &[&str]) =
+            if telemetry { (with.clone(), &[]) } else { (plain.clone(), &["--no-telemetry"]) };
+        let m = run_qlogd(&qlogd, &dir, &names, frames, entries, input_bytes, args)?;
+        println!(
+            "run {}: {:<13} {:>9.0} entries/s",
+            run + 1,
+            if telemetry { "telemetry on" } else { "telemetry off" },
+            m.entries_per_sec
+        );
+        if telemetry { on.push(m.entries_per_sec) } else { off.push(m.entries_per_sec) }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let (on_median, off_median) = (median(&on), median(&off));
+    let cost = 1.0 - on_median / off_median;
+    println!(
+        "\nmedian: telemetry on {on_median:.0} entries/s, off {off_median:.0} entries/s: on/off x{:.3} ({:+.1}% throughput)",
+        on_median / off_median,
+        -cost * 100.0
+    );
+    let path = opts.out.join("telemetry.json");
+    let doc = serde_json::json!({
+        "benchmark": "telemetry", "machine": machine(), "entries": entries, "vms": vms,
+        "sample_every_events": SAMPLE_EVERY, "runs_each": TELEMETRY_RUNS,
+        "entries_per_sec_on": on, "entries_per_sec_off": off,
+        "median_on": on_median, "median_off": off_median, "ratio_on_off": on_median / off_median,
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
 fn run_journal_remote(
     input: &Path,
     out_dir: &Path,
@@ -281,6 +379,7 @@ fn run_qlogd(
     frames: Vec<Vec<u8>>,
     entries: u64,
     input_bytes: u64,
+    extra_args: &[&str],
 ) -> anyhow::Result<Measure> {
     std::fs::create_dir_all(dir)?;
     let ingest = dir.join("ingest.sock");
@@ -295,6 +394,7 @@ fn run_qlogd(
         .arg("--query-socket")
         .arg(dir.join("query.sock"))
         .args(NO_RATE_LIMIT)
+        .args(extra_args)
         .arg("--log-level")
         .arg("warn")
         .env("NOTIFY_SOCKET", &notify_path)

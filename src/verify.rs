@@ -6,11 +6,12 @@
 //! store: a VM chose its name's bytes no more than its events', but the store itself is
 //! what this command distrusts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
-use qlog_rpc::query::{VerifyQuery, VmChain};
+use qlog_rpc::query::{ExpectedLink, VerifyQuery, VerifyReply, VmChain};
 
 use crate::client::{self, Client};
 use crate::escape::escape_line;
@@ -26,12 +27,22 @@ pub struct VerifyArgs {
     pub json: bool,
     /// Only show each chain's recorded head and anchor, reading no batch (instant, and
     /// what to write down to compare with a later verify).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "against")]
     pub heads_only: bool,
+    /// A `qlog verify --json` (or `--heads-only --json`) saved earlier, kept outside the
+    /// log qube: each VM's chain must still pass through the head it had then. A chain
+    /// rewritten since, by someone who recomputed its links, verifies clean without this.
+    #[arg(long, value_name = "FILE")]
+    pub against: Option<PathBuf>,
 }
 
 pub fn run(socket: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let query = VerifyQuery { vms: args.vms.clone(), heads_only: args.heads_only };
+    let against = args.against.is_some();
+    let expect = match &args.against {
+        Some(path) => saved_heads(path, &args.vms)?,
+        None => Vec::new(),
+    };
+    let query = VerifyQuery { vms: args.vms.clone(), heads_only: args.heads_only, expect };
     let reply = match Client::verify(socket, &query) {
         Ok(reply) => reply,
         Err(e) if client::is_unknown_vm(&e) => {
@@ -52,6 +63,13 @@ pub fn run(socket: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         for vm in &reply.vms {
             println!("{}", row(vm));
         }
+        if against {
+            let matched: u64 = reply.vms.iter().map(|v| v.expected_matched).sum();
+            let unchecked: u64 = reply.vms.iter().map(|v| v.expected_unchecked).sum();
+            println!(
+                "saved heads: {matched} still in their chains, {unchecked} not checkable (trimmed since)"
+            );
+        }
     }
 
     let broken: Vec<&VmChain> = reply.vms.iter().filter(|v| is_broken(v)).collect();
@@ -67,6 +85,19 @@ pub fn run(socket: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         reply.vms.len()
     );
     Ok(ExitCode::FAILURE)
+}
+
+/// The heads a saved verify recorded, for the VMs asked about (all if none are).
+fn saved_heads(path: &Path, vms: &[String]) -> anyhow::Result<Vec<ExpectedLink>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let saved: VerifyReply = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not the output of qlog verify --json", path.display()))?;
+    Ok(saved
+        .vms
+        .into_iter()
+        .filter(|c| c.length > 0 && (vms.is_empty() || vms.contains(&c.vm)))
+        .map(|c| ExpectedLink { vm: c.vm, position: c.length - 1, link: c.head })
+        .collect())
 }
 
 /// True if and only if the walk found a break.

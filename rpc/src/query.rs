@@ -429,6 +429,20 @@ pub struct VerifyQuery {
     /// Only report each chain's recorded head and anchor, without reading any batch.
     #[serde(default)]
     pub heads_only: bool,
+    /// Links recorded earlier (a saved `qlog verify`) the chains must still pass through:
+    /// an unkeyed chain rewritten from some batch on verifies clean, but not against a
+    /// link it had before.
+    #[serde(default)]
+    pub expect: Vec<ExpectedLink>,
+}
+
+/// A link a VM's chain had at a position, recorded earlier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedLink {
+    pub vm: String,
+    pub position: u64,
+    /// 64 hex digits.
+    pub link: String,
 }
 
 /// The reply to [`Request::Verify`]: one entry per VM, sorted by name.
@@ -458,6 +472,12 @@ pub struct VmChain {
     pub anchor: String,
     /// How many breaks the walk found (it resumes after each one).
     pub broken_links: u64,
+    /// Expected links (see [`VerifyQuery::expect`]) found in the chain as recorded.
+    #[serde(default)]
+    pub expected_matched: u64,
+    /// Expected links that could not be checked: trimmed since, or in a broken stretch.
+    #[serde(default)]
+    pub expected_unchecked: u64,
     /// The first break, oldest first; `None` if the chain is intact (or not walked).
     pub first_break: Option<ChainBreak>,
 }
@@ -501,6 +521,9 @@ pub enum BreakKind {
     HeadMismatch,
     /// Chained batches, but no chain state for the VM.
     MissingChainState,
+    /// The chain no longer has a link recorded earlier at its position: it was
+    /// rewritten from there on (or its newest batches removed and the head rolled back).
+    ExpectedLinkMismatch,
     /// A kind from a newer sink.
     #[serde(other)]
     Unknown,
@@ -519,6 +542,7 @@ impl BreakKind {
             BreakKind::BeyondHead => "beyond-head",
             BreakKind::HeadMismatch => "head-mismatch",
             BreakKind::MissingChainState => "missing-chain-state",
+            BreakKind::ExpectedLinkMismatch => "expected-link-mismatch",
             BreakKind::Unknown => "unknown",
         }
     }

@@ -136,6 +136,18 @@ pub fn hex(hash: &Hash) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The hash 64 hex digits spell; `None` if they do not.
+pub fn parse_hex(s: &str) -> Option<Hash> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// What a VM's chain says without reading a batch: its recorded head and anchor.
 pub fn head(store: &Store, vm: &str) -> Result<VmChain, StoreError> {
     let state = store.chain_state(vm)?.unwrap_or_default();
@@ -170,15 +182,18 @@ pub fn verify_offline(
     let mut vms = if vms.is_empty() { known } else { vms.to_vec() };
     vms.sort();
     vms.dedup();
-    let vms = vms.iter().map(|vm| verify(&store, vm)).collect::<Result<Vec<_>, _>>()?;
+    let vms = vms.iter().map(|vm| verify(&store, vm, &[])).collect::<Result<Vec<_>, _>>()?;
     Ok(qlog_rpc::query::VerifyReply { vms })
 }
 
 /// Walks `vm`'s stored batches oldest first, recomputing every content hash and link
 /// from the anchor, and reports the first break (and how many there were).
 ///
+/// `expect` holds (position, link) pairs recorded earlier that the chain must still
+/// have; each is matched, reported as a break, or counted as unchecked (trimmed since).
+///
 /// Only an error reading sled is an `Err`; whatever the store holds is a report.
-pub fn verify(store: &Store, vm: &str) -> Result<VmChain, StoreError> {
+pub fn verify(store: &Store, vm: &str, expect: &[(u64, Hash)]) -> Result<VmChain, StoreError> {
     let since = store.chain_since()?;
     let recorded = store.chain_state(vm)?;
     let mut walk = Walk {
@@ -191,10 +206,16 @@ pub fn verify(store: &Store, vm: &str) -> Result<VmChain, StoreError> {
         next: 0,
         raced: false,
         seen_chained: false,
+        expect: expect.iter().map(|&(position, link)| (position, link, false)).collect(),
         report: VmChain { vm: vm.to_owned(), walked: true, ..VmChain::default() },
     };
     walk.link = walk.state.anchor;
     walk.next = walk.state.trimmed;
+    // An expected link at the anchor's position is the anchor.
+    if let Some(anchor_position) = walk.state.trimmed.checked_sub(1) {
+        let anchor = walk.state.anchor;
+        walk.expected(None, anchor_position, &anchor);
+    }
 
     // sled's iterators read a leaf node once, so a batch committed into a node the scan
     // has already read is not seen: while the newest state says more batches exist, the
@@ -260,6 +281,8 @@ struct Walk<'a> {
     raced: bool,
     /// True once a chained entry was seen: unchained entries are only accepted before.
     seen_chained: bool,
+    /// Links recorded earlier: (position, link, true once checked).
+    expect: Vec<(u64, Hash, bool)>,
     report: VmChain,
 }
 
@@ -322,6 +345,7 @@ impl Walk<'_> {
                 self.report.batches_checked += 1;
                 self.link = chain.link;
                 self.next = chain.position + 1;
+                self.expected(Some(info.batch_id()), chain.position, &chain.link);
             }
             Err((kind, detail)) => {
                 self.record(kind, Some(info.batch_id()), detail);
@@ -386,6 +410,31 @@ impl Walk<'_> {
         Ok(Ok(()))
     }
 
+    /// Checks the expected links at `position` against the link the chain has there.
+    fn expected(&mut self, batch_id: Option<u64>, position: u64, link: &Hash) {
+        let mut mismatched = Vec::new();
+        for (at, expected, checked) in &mut self.expect {
+            if *at == position && !*checked {
+                *checked = true;
+                if expected == link {
+                    self.report.expected_matched += 1;
+                } else {
+                    mismatched.push(*expected);
+                }
+            }
+        }
+        for expected in mismatched {
+            let detail = format!(
+                "chain position {position} was recorded with link {}, it now has {}: the chain was rewritten from there on",
+                hex(&expected),
+                hex(link)
+            );
+            let next = std::mem::replace(&mut self.next, position);
+            self.record(BreakKind::ExpectedLinkMismatch, batch_id, detail);
+            self.next = next;
+        }
+    }
+
     /// Re-reads the chain state; a state that vanished keeps the last one seen.
     fn refresh(&mut self) -> Result<(), StoreError> {
         if let Some(state) = self.store.chain_state(self.vm)? {
@@ -428,6 +477,27 @@ impl Walk<'_> {
                 );
                 self.record(BreakKind::HeadMismatch, None, detail);
             }
+        }
+        // Expected links past the head: the newest batches went, and the head with them.
+        let end = self.state.end;
+        let mut past_head = Vec::new();
+        for (position, link, checked) in &mut self.expect {
+            if !*checked && *position >= end {
+                *checked = true;
+                past_head.push((*position, *link));
+            } else if !*checked {
+                self.report.expected_unchecked += 1;
+            }
+        }
+        for (position, link) in past_head {
+            let detail = format!(
+                "chain position {position} was recorded with link {}, but the chain now ends at position {}: its newest batches were removed and the head rolled back",
+                hex(&link),
+                end as i128 - 1
+            );
+            let next = std::mem::replace(&mut self.next, position);
+            self.record(BreakKind::ExpectedLinkMismatch, None, detail);
+            self.next = next;
         }
         self.report.trimmed = self.state.trimmed;
         self.report.length = self.state.end;

@@ -85,19 +85,33 @@ async fn run_verify(
     q: qlog_rpc::query::VerifyQuery,
     ctx: &QueryContext,
 ) -> Result<qlog_rpc::query::VerifyReply, QueryError> {
-    if q.vms.len() > MAX_REQUEST_ITEMS {
+    if q.vms.len() > MAX_REQUEST_ITEMS || q.expect.len() > MAX_REQUEST_ITEMS {
         return Err((
             ErrorCode::BadQuery,
-            format!("verify names more than {MAX_REQUEST_ITEMS} VMs"),
+            format!("verify names more than {MAX_REQUEST_ITEMS} VMs or expected links"),
         ));
+    }
+    let mut expect: std::collections::HashMap<String, Vec<(u64, crate::chain::Hash)>> =
+        std::collections::HashMap::new();
+    for e in &q.expect {
+        let Some(link) = crate::chain::parse_hex(&e.link) else {
+            let message = format!("expected link {:?} is not 64 hex digits", e.link);
+            return Err((ErrorCode::BadQuery, message));
+        };
+        expect.entry(e.vm.clone()).or_default().push((e.position, link));
     }
     let store = ctx.store.clone();
     let mut known = store.chain_vms().map_err(|e| (ErrorCode::Internal, e.to_string()))?;
     known.extend(ctx.shared.known_vms());
     known.sort();
     known.dedup();
-    let unknown: Vec<&str> =
-        q.vms.iter().filter(|v| !known.contains(v)).map(String::as_str).collect();
+    let unknown: Vec<&str> = q
+        .vms
+        .iter()
+        .chain(q.expect.iter().map(|e| &e.vm))
+        .filter(|v| !known.contains(v))
+        .map(String::as_str)
+        .collect();
     if !unknown.is_empty() {
         return Err((
             ErrorCode::UnknownVm,
@@ -109,7 +123,13 @@ async fn run_verify(
     vms.dedup();
     let walked = tokio::task::spawn_blocking(move || {
         vms.iter()
-            .map(|vm| if q.heads_only { store.chain_head(vm) } else { store.verify_chain(vm) })
+            .map(|vm| match q.heads_only {
+                true => store.chain_head(vm),
+                false => {
+                    let expect = expect.get(vm).map_or(&[][..], Vec::as_slice);
+                    crate::chain::verify(&store, vm, expect)
+                }
+            })
             .collect::<Result<Vec<_>, StoreError>>()
     });
     match walked.await {

@@ -392,7 +392,7 @@ impl Store {
 
     /// Walks `vm`'s chain and recomputes every link (see [`chain::verify`]).
     pub fn verify_chain(&self, vm: &str) -> Result<VmChain, StoreError> {
-        chain::verify(self, vm)
+        chain::verify(self, vm, &[])
     }
 
     /// `vm`'s recorded chain head and anchor, reading no batch.
@@ -1367,6 +1367,16 @@ mod tests {
         assert_eq!((report.batches_checked, report.trimmed, report.length), (3, 2, 5));
         assert_eq!(report.anchor, chain::hex(&links[1].link));
         assert_eq!(intact(&store, "b").batches_checked, 2);
+
+        // Links recorded earlier: the anchor's, a stored one's, a trimmed one's.
+        let saved = [(1, links[1].link), (3, links[3].link), (0, links[0].link)];
+        let report = chain::verify(&store, "a", &saved).unwrap();
+        assert_eq!((report.expected_matched, report.expected_unchecked), (2, 1), "{report:?}");
+        assert_eq!(report.first_break, None);
+        let report = chain::verify(&store, "a", &[(3, links[2].link), (9, links[3].link)]).unwrap();
+        let b = report.first_break.unwrap();
+        assert_eq!((b.kind, b.position), (qlog_rpc::query::BreakKind::ExpectedLinkMismatch, 3));
+        assert_eq!(report.broken_links, 2, "position 9 is past the head");
 
         // The chain is in the store, not in the writer: a reopened one continues it.
         drop(w);

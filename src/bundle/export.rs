@@ -557,7 +557,7 @@ fn chain_heads(
     if vms.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let query = qlog_rpc::query::VerifyQuery { vms, heads_only: true };
+    let query = qlog_rpc::query::VerifyQuery { vms, heads_only: true, ..Default::default() };
     let reply = match Client::verify(socket, &query) {
         Ok(reply) => reply,
         Err(e)

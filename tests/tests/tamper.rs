@@ -7,7 +7,11 @@
 //! because sled holds its files locked, so those cases stop qlogd, edit, and start it
 //! again, which also runs crash repair over the edited store; a segment file can be
 //! changed under a running qlogd, and that case does not restart it. The index is read
-//! and edited here with sled itself, by the layout in `sink/src/store.rs`.
+//! and edited here with sled itself, by the layout in `sink/src/store.rs`. Each stopped
+//! case is also checked offline (`qlogd verify --state-dir`) before the restart. A
+//! rewrite that keeps the chain consistent (the newest batch removed and the head rolled
+//! back) passes a plain verify, as an unkeyed chain must, and fails `--against` heads
+//! saved before it.
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -157,8 +157,11 @@ fn request() -> impl Strategy<Value = Request> {
                 Request::Stats(StatsQuery { vms, since_usec, until_usec, bucket_minutes, gauges })
             }
         ),
-        (texts(), any::<bool>())
-            .prop_map(|(vms, heads_only)| Request::Verify(VerifyQuery { vms, heads_only })),
+        (texts(), any::<bool>()).prop_map(|(vms, heads_only)| Request::Verify(VerifyQuery {
+            vms,
+            heads_only,
+            expect: Vec::new()
+        })),
     ]
 }
 

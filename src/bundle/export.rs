@@ -611,7 +611,7 @@ fn valid_utf8(mut r: Record) -> Record {
 /// The VM table as `vms.json` holds it. Every string in it is redacted, not only the
 /// ones known today (the VM name, the stream names), so a field the sink adds later
 /// cannot leave in clear. Rows are sorted by bundle name, so their order says nothing
-/// about the real names.
+/// about the real names. Health is left out (see below).
 fn redact_vms(reply: VmsReply, redactor: Option<&mut Redactor>) -> serde_json::Value {
     use serde_json::Value;
     fn strings(v: &mut Value, r: &mut Redactor) {
@@ -628,6 +628,13 @@ fn redact_vms(reply: VmsReply, redactor: Option<&mut Redactor>) -> serde_json::V
     }
     let mut rows: Vec<Value> =
         reply.vms.iter().map(|vm| serde_json::to_value(vm).expect("VM rows serialise")).collect();
+    // Health is qlogd's judgement of the moment (when it last heard each VM), not part of
+    // the store, so it stays out: the same store and key must give the same bundle.
+    for row in &mut rows {
+        if let Value::Object(map) = row {
+            map.remove("health");
+        }
+    }
     if let Some(r) = redactor {
         for (row, vm) in rows.iter_mut().zip(&reply.vms) {
             // The token first: a token is left alone by the redaction that follows.

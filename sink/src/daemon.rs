@@ -6,6 +6,7 @@
 //! send them and close, and the process exits. Each step is bounded so the whole takes
 //! under two seconds even with peers that never read.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,7 +71,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         log_events::running_as_root();
     }
     let store = Store::open(&config.state_dir, config.cache_bytes)?;
-    let vms = store.load_vms()?.into_iter().collect();
+    let vms: BTreeMap<String, _> = store.load_vms()?.into_iter().collect();
+    // Quotas keep one VM from taking the others' room, but only if they fit the disk
+    // together: say so at start rather than find out when commits stop.
+    if let Some(disk) = store.filesystem_bytes() {
+        let mut names: Vec<&String> = vms.keys().chain(&config.settings.expected_vms).collect();
+        names.sort();
+        names.dedup();
+        let sum: u64 = names.iter().map(|vm| config.settings.quota(vm)).sum();
+        if sum > disk {
+            log_events::quotas_exceed_disk(sum, disk, names.len());
+        }
+    }
     let streams = store.load_streams()?.into_iter().collect();
     let shared = Shared::new(
         vms,

@@ -220,3 +220,13 @@ pub fn telemetry_rejected(vm: &str, rejected: u64) {
         tracing::warn!(vm, rejected, suppressed, "implausible telemetry values dropped");
     }
 }
+
+/// The known and expected VMs' quotas add up to more than the store's filesystem.
+pub fn quotas_exceed_disk(sum: u64, disk: u64, vms: usize) {
+    tracing::warn!(
+        quota_sum = sum,
+        disk_bytes = disk,
+        vms,
+        "the VMs' quotas add up to more than the disk: if they all fill up, commits stop and acks wait for free space; lower vm_quota or give the log qube a larger private volume"
+    );
+}

@@ -583,6 +583,19 @@ impl Store {
         Ok(value)
     }
 
+    /// Size of the filesystem the store is on, if it can be told.
+    pub fn filesystem_bytes(&self) -> Option<u64> {
+        let path = CString::new(self.segments.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs is plain data, and zeroed is a valid value for it.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the path is a valid C string and `stat` is valid for writes.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return None;
+        }
+        #[allow(clippy::useless_conversion)]
+        Some(u64::from(stat.f_blocks).saturating_mul(u64::from(stat.f_frsize)))
+    }
+
     /// Bytes the store takes on disk: index and segments.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0) + dir_size(&self.segments)

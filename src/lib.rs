@@ -1,6 +1,6 @@
 //! The `qlog` CLI as a library: what the binary (main.rs) runs, so that the fuzz targets
 //! (tests/fuzz) can reach the redaction engine. Only [`cli`] (for main.rs) and the parts
-//! of [`bundle`] the fuzzers use are public.
+//! of [`bundle`] and [`output`] the fuzzers use are public.
 
 #[doc(hidden)]
 pub mod bundle;

@@ -64,6 +64,10 @@ pub const EXAMPLES: usize = 3;
 /// What replaces a binary value, with its length.
 const BINARY_PLACEHOLDER: &str = "[binary value removed by redaction";
 
+/// How many times [`Redactor::redact_value`] plans one value at most. Each pass only adds
+/// tokens, so this is a safety net against a loop, not a limit real values reach.
+const MAX_PASSES: usize = 8;
+
 /// The prefix of the token that stands for a URL's user and password.
 const CREDENTIAL_PREFIX: &str = "cred";
 
@@ -259,15 +263,40 @@ impl Redactor {
     }
 
     /// Replaces everything any rule finds in `value`, counting what fired.
+    ///
+    /// A replacement can complete a pattern that the value only held in part: in
+    /// `fe80::1es.in` no address ends before the `s`, but once the host name `1es.in` is a
+    /// token, `fe80::` stands alone and is one. So the value is planned again as the leak
+    /// scan sees it, tokens blanked, until nothing more is found; otherwise any VM could
+    /// make every export of its logs fail the leak check. Each pass only adds tokens, and
+    /// after [`MAX_PASSES`] the leak scan still fails closed.
     pub fn redact_value<'v>(&mut self, value: &'v [u8]) -> Cow<'v, [u8]> {
-        let planned = self.plan(value);
-        if planned.is_empty() {
-            return Cow::Borrowed(value);
+        let mut out = Cow::Borrowed(value);
+        let mut planned = self.plan(value);
+        let mut scratch = Vec::new();
+        for _ in 0..MAX_PASSES {
+            if !planned.is_empty() {
+                out = Cow::Owned(self.apply(&out, &planned));
+            }
+            scratch.clear();
+            scratch.extend_from_slice(&out);
+            if !self.blank_own_text(&mut scratch, &[]) && planned.is_empty() {
+                break;
+            }
+            planned = self.plan(&scratch);
+            if planned.is_empty() {
+                break;
+            }
         }
+        out
+    }
+
+    /// Makes the planned replacements in `value`, counting what fired.
+    fn apply(&mut self, value: &[u8], planned: &[Planned]) -> Vec<u8> {
         let mut out = Vec::with_capacity(value.len() + 16 * planned.len());
         let mut pos = 0;
         let mut new_tokens = Vec::new();
-        for p in &planned {
+        for p in planned {
             out.extend_from_slice(&value[pos..p.span.start]);
             let out_start = out.len();
             out.extend_from_slice(&p.replacement);
@@ -295,7 +324,32 @@ impl Redactor {
                 }
             }
         }
-        Cow::Owned(out)
+        out
+    }
+
+    /// Blanks out, in place, what redaction itself wrote (tokens, binary placeholders)
+    /// and `masks`. Returns true if and only if it blanked anything.
+    fn blank_own_text(&self, scratch: &mut [u8], masks: &[&[u8]]) -> bool {
+        let mut blank: Vec<Range<usize>> = Vec::new();
+        if scratch.contains(&b'-') {
+            blank.extend(self.tokens.find_iter(scratch).map(|m| m.range()));
+        }
+        // The placeholder of a removed binary value is the redaction's own text.
+        if scratch.len() >= BINARY_PLACEHOLDER.len() {
+            blank.extend(self.placeholder.find_iter(scratch).map(|m| m.range()));
+        }
+        for mask in masks.iter().filter(|m| !m.is_empty()) {
+            let mut at = 0;
+            while let Some(p) = scratch[at..].windows(mask.len()).position(|w| w == *mask) {
+                blank.push(at + p..at + p + mask.len());
+                at += p + mask.len();
+            }
+        }
+        let any = !blank.is_empty();
+        for r in blank {
+            scratch[r].fill(b' ');
+        }
+        any
     }
 
     /// The first rule that would still change something in `text`, which is a file's
@@ -313,24 +367,7 @@ impl Redactor {
         if json {
             blank_json_syntax(scratch);
         }
-        let mut blank: Vec<Range<usize>> = Vec::new();
-        if scratch.contains(&b'-') {
-            blank.extend(self.tokens.find_iter(scratch).map(|m| m.range()));
-        }
-        // The placeholder of a removed binary value is the redaction's own text.
-        if scratch.len() >= BINARY_PLACEHOLDER.len() {
-            blank.extend(self.placeholder.find_iter(scratch).map(|m| m.range()));
-        }
-        for mask in masks.iter().filter(|m| !m.is_empty()) {
-            let mut at = 0;
-            while let Some(p) = scratch[at..].windows(mask.len()).position(|w| w == *mask) {
-                blank.push(at + p..at + p + mask.len());
-                at += p + mask.len();
-            }
-        }
-        for r in blank {
-            scratch[r].fill(b' ');
-        }
+        self.blank_own_text(scratch, masks);
         self.plan(scratch).first().map(|p| p.rule)
     }
 
@@ -907,6 +944,23 @@ mod tests {
         let mut scratch = Vec::new();
         assert_eq!(r.leak(out.event.get("MESSAGE").unwrap(), false, &[], &mut scratch), None);
         assert!(r.leak(b"a binary thing", false, &[], &mut scratch).is_some());
+    }
+
+    /// Found by tests/fuzz (target redact): replacing the host name `1es.in` left
+    /// `fe80::`, an address, which the leak scan refused, so the whole export failed.
+    #[test]
+    fn a_pattern_completed_by_a_replacement_is_redacted_too() {
+        let mut r = redactor(Profile::default());
+        let mut scratch = Vec::new();
+        for value in [
+            b"from fe80::1es.in".as_slice(),
+            b"GET https://bob:hunter2@files.internal.corp:8443/home/bob/x?qR1 from fe80::1es.in",
+        ] {
+            let out = r.redact_value(value).into_owned();
+            let shown = String::from_utf8_lossy(&out).into_owned();
+            assert_eq!(r.leak(&out, false, &[], &mut scratch), None, "{shown}");
+            assert!(!shown.contains("fe80"), "{shown}");
+        }
     }
 
     #[test]

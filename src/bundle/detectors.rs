@@ -442,7 +442,9 @@ impl Detectors {
         if shape.longest_b64_run >= 24 {
             find_base64(value, out);
         }
-        if shape.dots > 0 && shape.letters >= 3 {
+        // Two letters are enough: a country-code domain (`12.de`) has only those. With a
+        // higher bar a value failed the leak scan once it was part of a longer line.
+        if shape.dots > 0 && shape.letters >= 2 {
             find_hostnames(&self.hostname, value, out);
         }
     }
@@ -822,6 +824,14 @@ mod tests {
         assert!(
             found("Started user@1000.service and getty@tty1.service", Detector::Email).is_empty()
         );
+    }
+
+    /// Found by tests/fuzz (target redact): `196.rn>` alone was let through, but the
+    /// same text inside an export's JSON line was a host name, so the export failed.
+    #[test]
+    fn hosts_with_only_two_letters_are_found() {
+        assert_eq!(found("196.rn>", Detector::Hostname), ["196.rn"]);
+        assert_eq!(found("at 12.de", Detector::Hostname), ["12.de"]);
     }
 
     #[test]

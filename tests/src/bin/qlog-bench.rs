@@ -54,8 +54,13 @@ struct Options {
     out: PathBuf,
     /// Timed runs of each command in `query`; by default 20.
     runs: usize,
-    /// Seconds of each phase of `flood`; by default 20.
+    /// Seconds of each phase of each round of `flood`; by default 10.
     seconds: u64,
+    /// Rounds of `flood` (a phase without the flooder, then one with); by default 4.
+    rounds: u64,
+    /// Nice level of the flooder's sending threads in `flood`; by default 0, the same
+    /// as qlogd's (see `Flooder::start_niced`).
+    flooder_nice: i32,
     /// The flooder's bucket in `flood`: events/s and burst; by default 1,000 and 10,000.
     flood_rate: u64,
     flood_burst: u64,
@@ -71,7 +76,9 @@ fn main() -> anyhow::Result<()> {
         seed: 1,
         out: PathBuf::from("bench-results"),
         runs: 20,
-        seconds: 20,
+        seconds: 10,
+        rounds: 4,
+        flooder_nice: 0,
         flood_rate: 1_000,
         flood_burst: 10_000,
     };
@@ -84,9 +91,11 @@ fn main() -> anyhow::Result<()> {
             "--out" => opts.out = args.next().context("--out needs a directory")?.into(),
             "--runs" => opts.runs = args.next().context("--runs needs a number")?.parse()?,
             "--seconds" => opts.seconds = args.next().context("--seconds needs a number")?.parse()?,
+            "--rounds" => opts.rounds = args.next().context("--rounds needs a number")?.parse()?,
+            "--flooder-nice" => opts.flooder_nice = args.next().context("--flooder-nice needs a number")?.parse()?,
             "--flood-rate" => opts.flood_rate = args.next().context("--flood-rate needs a number")?.parse()?,
             "--flood-burst" => opts.flood_burst = args.next().context("--flood-burst needs a number")?.parse()?,
-            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|telemetry|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep]"),
+            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|telemetry|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--rounds N] [--flooder-nice N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep]"),
         }
     }
     match what.as_str() {
@@ -95,7 +104,9 @@ fn main() -> anyhow::Result<()> {
         "flood" => flood(&opts),
         "telemetry" => telemetry(&opts),
         "all" => all(&opts),
-        other => bail!("unknown benchmark {other}; available: ingest, query, flood, telemetry, all"),
+        other => {
+            bail!("unknown benchmark {other}; available: ingest, query, flood, telemetry, all")
+        }
     }
 }
 
@@ -270,21 +281,32 @@ fn telemetry(opts: &Options) -> anyhow::Result<()> {
     let entries = per_vm * vms as u64;
     let sample = {
         let values: serde_json::Map<String, serde_json::Value> = [
-            ("load1", 0.42), ("load5", 0.37), ("load15", 0.30),
-            ("mem_used_bytes", 812e6), ("mem_available_bytes", 3.1e9),
-            ("disk_root_used_bytes", 7.2e9), ("disk_root_total_bytes", 20e9),
-            ("disk_rw_used_bytes", 1.1e9), ("disk_rw_total_bytes", 2e9),
-            ("uptime_secs", 86_400.0), ("agent_events_read", 12_345.0),
-            ("agent_events_sent", 12_340.0), ("agent_events_acked", 12_300.0),
-            ("agent_reconnects", 1.0), ("agent_in_flight", 40.0),
-            ("agent_lag_secs", 0.2), ("agent_journal_restarts", 0.0), ("agent_gaps", 0.0),
+            ("load1", 0.42),
+            ("load5", 0.37),
+            ("load15", 0.30),
+            ("mem_used_bytes", 812e6),
+            ("mem_available_bytes", 3.1e9),
+            ("disk_root_used_bytes", 7.2e9),
+            ("disk_root_total_bytes", 20e9),
+            ("disk_rw_used_bytes", 1.1e9),
+            ("disk_rw_total_bytes", 2e9),
+            ("uptime_secs", 86_400.0),
+            ("agent_events_read", 12_345.0),
+            ("agent_events_sent", 12_340.0),
+            ("agent_events_acked", 12_300.0),
+            ("agent_reconnects", 1.0),
+            ("agent_in_flight", 40.0),
+            ("agent_lag_secs", 0.2),
+            ("agent_journal_restarts", 0.0),
+            ("agent_gaps", 0.0),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), serde_json::json!(v)))
         .collect();
         serde_json::to_vec(&serde_json::json!({ "sent_usec": now_usec(), "values": values }))?
     };
-    let heartbeat = serde_json::to_vec(&serde_json::json!({ "sent_usec": now_usec(), "interval_secs": 30 }))?;
+    let heartbeat =
+        serde_json::to_vec(&serde_json::json!({ "sent_usec": now_usec(), "interval_secs": 30 }))?;
     let (mut plain, mut with) = (Vec::new(), Vec::new());
     let mut input_bytes = 0u64;
     for name in &names {
@@ -323,7 +345,11 @@ fn telemetry(opts: &Options) -> anyhow::Result<()> {
             if telemetry { "telemetry on" } else { "telemetry off" },
             m.entries_per_sec
         );
-        if telemetry { on.push(m.entries_per_sec) } else { off.push(m.entries_per_sec) }
+        if telemetry {
+            on.push(m.entries_per_sec)
+        } else {
+            off.push(m.entries_per_sec)
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_dir_all(&work);
@@ -1060,14 +1086,44 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// What the follower saw of one phase: latencies in ms, events sent, events missed.
+#[derive(Default)]
+struct PhaseSamples {
+    latencies: Vec<f64>,
+    sent: u64,
+    lagged: u64,
+}
+
+impl PhaseSamples {
+    fn add(&mut self, other: PhaseSamples) {
+        self.latencies.extend(other.latencies);
+        self.sent += other.sent;
+        self.lagged += other.lagged;
+    }
+
+    fn summary(mut self, phase: &str) -> LatencyPhase {
+        self.latencies.sort_by(f64::total_cmp);
+        let l = &self.latencies;
+        LatencyPhase {
+            phase: phase.to_owned(),
+            sent: self.sent,
+            seen: l.len() as u64,
+            lagged: self.lagged,
+            p50_ms: percentile(l, 50.0),
+            p99_ms: percentile(l, 99.0),
+            p999_ms: percentile(l, 99.9),
+            max_ms: l.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
 /// One phase: the honest VMs send for `seconds` (the flooder, if any, is already
 /// running), and a follower started before them measures each event's latency.
 fn honest_phase(
     sink: &qlog_tests::RunningSink,
     names: &[String],
     seconds: u64,
-    phase: &str,
-) -> anyhow::Result<LatencyPhase> {
+) -> anyhow::Result<PhaseSamples> {
     use qlog_rpc::query::EventsQuery;
     use qlog_tests::query::FollowItem;
 
@@ -1104,18 +1160,8 @@ fn honest_phase(
             scope.spawn(move || qlog_tests::flood::paced_vm(ingest, vm, FLOOD_HONEST_RATE, per_vm));
         }
     });
-    let (mut latencies, lagged) = collector.join().expect("the collector does not panic");
-    latencies.sort_by(f64::total_cmp);
-    Ok(LatencyPhase {
-        phase: phase.to_owned(),
-        sent,
-        seen: latencies.len() as u64,
-        lagged,
-        p50_ms: percentile(&latencies, 50.0),
-        p99_ms: percentile(&latencies, 99.0),
-        p999_ms: percentile(&latencies, 99.9),
-        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
-    })
+    let (latencies, lagged) = collector.join().expect("the collector does not panic");
+    Ok(PhaseSamples { latencies, sent, lagged })
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -1159,9 +1205,14 @@ fn flood(opts: &Options) -> anyhow::Result<()> {
     let work = tempdir()?;
     println!("machine: {}", machine());
     println!(
-        "flood: {FLOOD_HONEST_VMS} VMs at {FLOOD_HONEST_RATE} events/s for {} s, alone then beside {FLOODER} \
-         ({FLOOD_STREAMS} streams as fast as it can, garbage mixed in; bucket {} events/s, burst {})\n",
-        opts.seconds, opts.flood_rate, opts.flood_burst
+        "flood: {FLOOD_HONEST_VMS} VMs at {FLOOD_HONEST_RATE} events/s, {} rounds of {} s alone then {} s beside {FLOODER} \
+         ({FLOOD_STREAMS} streams as fast as it can, garbage mixed in; bucket {} events/s, burst {})",
+        opts.rounds, opts.seconds, opts.seconds, opts.flood_rate, opts.flood_burst
+    );
+    println!(
+        "the flooder's sending threads run at nice {}{}\n",
+        opts.flooder_nice,
+        if opts.flooder_nice == 0 { ", competing with qlogd for the same cores" } else { "" }
     );
     let config =
         qlog_tests::flood::write_flood_config(&work, FLOODER, opts.flood_rate, opts.flood_burst);
@@ -1172,10 +1223,27 @@ fn flood(opts: &Options) -> anyhow::Result<()> {
     });
     let names: Vec<String> = (0..FLOOD_HONEST_VMS).map(|i| format!("bench-honest{i}")).collect();
 
-    let alone = honest_phase(&sink, &names, opts.seconds, "without flood")?;
-    let flooder = qlog_tests::flood::Flooder::start(sink.ingest_socket(), FLOODER, FLOOD_STREAMS);
-    let flooded = honest_phase(&sink, &names, opts.seconds, "with flood")?;
-    let report = flooder.stop();
+    // Rounds of without, then with, so that drift on a shared machine (other builds,
+    // the disk's own moods) hits both phases alike.
+    let (mut alone, mut flooded) = (PhaseSamples::default(), PhaseSamples::default());
+    let mut report = qlog_tests::flood::FloodReport::default();
+    for round in 1..=opts.rounds {
+        alone.add(honest_phase(&sink, &names, opts.seconds)?);
+        let flooder = qlog_tests::flood::Flooder::start_niced(
+            sink.ingest_socket(),
+            FLOODER,
+            FLOOD_STREAMS,
+            opts.flooder_nice,
+        );
+        flooded.add(honest_phase(&sink, &names, opts.seconds)?);
+        let r = flooder.stop();
+        report.streams = r.streams;
+        report.clean_sessions += r.clean_sessions;
+        report.garbage_sessions += r.garbage_sessions;
+        report.garbage_connections += r.garbage_connections;
+        eprintln!("round {round} of {} done", opts.rounds);
+    }
+    let (alone, flooded) = (alone.summary("without flood"), flooded.summary("with flood"));
     let flood_rss_kib = qlog_tests::flood::peak_rss_kib(sink.pid());
     let vms = qlog_tests::query_vms(sink.query_socket())?;
     let flood_info =
@@ -1234,6 +1302,8 @@ fn flood(opts: &Options) -> anyhow::Result<()> {
         "benchmark": "flood",
         "machine": machine(),
         "seconds": opts.seconds,
+        "rounds": opts.rounds,
+        "flooder_nice": opts.flooder_nice,
         "honest_vms": FLOOD_HONEST_VMS,
         "honest_rate": FLOOD_HONEST_RATE,
         "flood_bucket": { "events_per_sec": opts.flood_rate, "burst_events": opts.flood_burst },

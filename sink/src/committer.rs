@@ -581,6 +581,9 @@ impl Committer {
     /// without the other. Coalescing per cycle keeps a flood to a few records per second
     /// however many items it sends; the record takes the first refused sequence number.
     fn record_refusals(&mut self, cycle: &mut Cycle) {
+        if cycle.refused.is_empty() {
+            return;
+        }
         let stamp = self.stamp();
         for ((vm, stream), r) in std::mem::take(&mut cycle.refused) {
             if r.count == 0 {

@@ -19,6 +19,18 @@
 //! Buckets start full, and live as long as qlogd: the table has one entry per VM qrexec
 //! has named, and forgetting a VM's bucket when its last connection closes would let it
 //! refill its burst by reconnecting.
+//!
+//! Fairness of the queue to the committer follows from this and from how ingest hands
+//! over chunks: each connection has at most one chunk waiting, tokio's bounded channel
+//! gives slots in the order senders asked for them, and a refused run costs a few bytes
+//! in a chunk, so a flooding VM holds at most `max_connections_per_vm` of the queue and
+//! fills the committer's cycles only with what its bucket admits.
+//!
+//! FIXME(catch-up): an honest agent that replays a backlog larger than the burst after
+//! a long outage of the log qube loses the excess, because refusing cannot tell a
+//! backlog from a flood. Announcing the bucket in the Welcome, so that the agent paces
+//! its catch-up to it, would keep the backlog; worth a protocol change once outages of
+//! hours are common in practice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -69,6 +69,10 @@ pub struct IngestContext {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// Longest a chunk of nothing but rate-limit refusals waits before it goes to the
+/// committer; its acks wait as long.
+const HOLD_REFUSALS: Duration = Duration::from_millis(100);
+
 /// Telemetry samples one connection queues between two flushes; more are dropped and
 /// counted, so a VM sending samples in a tight loop costs the committer little.
 const MAX_PENDING_SAMPLES: usize = 4;
@@ -270,6 +274,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>, handshake: Owned
         chunk: Chunk::default(),
         pending: Vec::new(),
         bucket: ctx.buckets.for_vm(&vm, ctx.shared.settings().rate_limit(&vm)),
+        held_since: None,
     };
     conn.chunk.key = conn.key.clone();
     let outcome = conn.read_loop(&mut rd, decoder, idle_timeout).await;
@@ -429,6 +434,8 @@ struct Connection {
     pending: Vec<Request>,
     /// The VM's token bucket, shared with its other connections.
     bucket: SharedBucket,
+    /// Since when a chunk of nothing but refusals has been held back.
+    held_since: Option<tokio::time::Instant>,
 }
 
 impl Connection {
@@ -471,9 +478,10 @@ impl Connection {
                     return Outcome::Shutdown;
                 }
             }
-            if !self.flush().await {
+            if !self.flush_unless_only_refused().await {
                 return Outcome::Shutdown;
             }
+            let held_deadline = self.held_since.map(|t| t + HOLD_REFUSALS);
             // One full read buffer of work per turn: a peer that always has more input
             // (a flooding VM) would otherwise keep a runtime worker until tokio's budget
             // runs out, a hundred buffers later, while other VMs' frames wait.
@@ -483,6 +491,7 @@ impl Connection {
             let n = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
+                _ = tokio::time::sleep_until(held_deadline.unwrap_or(idle_deadline)), if held_deadline.is_some() => None,
                 _ = tokio::time::sleep_until(idle_deadline) => {
                     let message = format!("no complete frame for {} s; reconnect when there is something to send", idle_timeout.as_secs());
                     return Outcome::Rejected(Rejection::new(ErrorCode::IdleTimeout, message));
@@ -494,8 +503,16 @@ impl Connection {
                             Err(e) => Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
                         };
                     }
-                    Ok(n) => n,
+                    Ok(n) => Some(n),
                 },
+            };
+            // Held refusals are due: hand them over (awaiting here, not inside the
+            // select, whose output holds the shutdown watch's guard).
+            let Some(n) = n else {
+                if !self.flush().await {
+                    return Outcome::Shutdown;
+                }
+                continue;
             };
             filled = n == buf.len();
             decoder.feed(&buf[..n]);
@@ -651,7 +668,24 @@ impl Connection {
 
     /// Hands the pending chunk to the committer, waiting for room: this wait is the
     /// backpressure that reaches the agent. False if the committer is gone.
+    /// Like [`Connection::flush`], except that a chunk holding nothing but refusals is
+    /// kept for up to [`HOLD_REFUSALS`], growing as more are refused: a flooding VM then
+    /// costs the committer a few chunks a second instead of one per read.
+    async fn flush_unless_only_refused(&mut self) -> bool {
+        let only_refused = self.pending.is_empty()
+            && !self.chunk.items.is_empty()
+            && self.chunk.items.iter().all(|i| matches!(i, Item::Refused { .. }));
+        if only_refused {
+            let since = *self.held_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < HOLD_REFUSALS {
+                return true;
+            }
+        }
+        self.flush().await
+    }
+
     async fn flush(&mut self) -> bool {
+        self.held_since = None;
         for request in std::mem::take(&mut self.pending) {
             if self.ctx.committer.send(request).await.is_err() {
                 return false;

@@ -198,6 +198,8 @@ pub struct Committer {
     /// not break that either.
     last_stamp: u64,
     rollups: RollupBook,
+    /// When rollups last went into a commit.
+    rollups_written: std::time::Instant,
     health: HealthBook,
     own: OwnMetrics,
 }
@@ -209,6 +211,11 @@ struct OwnMetrics {
     commit_ms_max: f64,
     ticks: u64,
 }
+
+/// Longest that telemetry-only rollup changes (gauges, heartbeats) wait for a commit of
+/// events before they are committed on their own; a crash loses at most this much of
+/// them.
+const ROLLUP_FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// qlogd samples its own metrics every this many health ticks (seconds).
 const OWN_METRICS_EVERY: u64 = 10;
@@ -282,6 +289,7 @@ impl Committer {
             next_batch_id,
             last_stamp,
             rollups,
+            rollups_written: std::time::Instant::now(),
             health,
             own,
         })
@@ -733,16 +741,24 @@ impl Committer {
             set.batches.push(batch);
             published.push(records);
         }
-        set.aux = self.rollups.take_dirty();
-        set.aux_deletes = std::mem::take(&mut cycle.aux_deletes);
-        if set.batches.is_empty()
+        let only_rollups = set.batches.is_empty()
             && cycle.deletes.is_empty()
             && cycle.touched_vms.is_empty()
-            && set.aux.is_empty()
-            && set.aux_deletes.is_empty()
+            && cycle.aux_deletes.is_empty();
+        // Heartbeats and samples alone change only rollups; they ride along with the next
+        // commit of events, or go on their own at most every ROLLUP_FLUSH_EVERY, so
+        // telemetry never adds an fsync per sample. Event counts are never held back:
+        // they are in the cycle that stores the events.
+        if only_rollups
+            && (!self.rollups.has_dirty() || self.rollups_written.elapsed() < ROLLUP_FLUSH_EVERY)
         {
             self.notify(&cycle.touched_streams);
             return;
+        }
+        set.aux = self.rollups.take_dirty();
+        set.aux_deletes = std::mem::take(&mut cycle.aux_deletes);
+        if !set.aux.is_empty() {
+            self.rollups_written = std::time::Instant::now();
         }
 
         for key in &cycle.touched_streams {

@@ -50,8 +50,7 @@ pub fn run(socket: &Path, args: &TopArgs) -> anyhow::Result<ExitCode> {
     loop {
         let reply = Client::vms(socket)?;
         let now = Instant::now();
-        let snapshot: Totals =
-            reply.vms.iter().map(|v| (v.vm.clone(), totals(v))).collect();
+        let snapshot: Totals = reply.vms.iter().map(|v| (v.vm.clone(), totals(v))).collect();
         let rates = previous.as_ref().map(|(at, before)| {
             let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
             snapshot

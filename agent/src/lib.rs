@@ -28,7 +28,7 @@ mod process;
 mod shared;
 mod signals;
 mod source;
-mod telemetry;
 pub mod supervisor;
+mod telemetry;
 mod transport;
 mod window;

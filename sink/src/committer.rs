@@ -551,7 +551,8 @@ impl Committer {
                 Item::Refused { first_seq, last_seq, count, first_usec, last_usec } => {
                     // Only what lies above the previous watermark is new; a run that a
                     // racing connection partly covered counts only that part.
-                    let count = if first_seq > previous { count } else { count.min(last_seq - previous) };
+                    let count =
+                        if first_seq > previous { count } else { count.min(last_seq - previous) };
                     let first_seq = first_seq.max(previous + 1);
                     refused += count;
                     // The resume cursor moves too, or an agent reading the journal would
@@ -648,7 +649,9 @@ impl Committer {
                 cycle.touch_vm(&vm);
                 log_events::retention_expired(&vm, expired);
             }
-            if let Some(cutoff) = now_usec().checked_sub(self.settings.rollup_retention.as_micros() as u64) {
+            if let Some(cutoff) =
+                now_usec().checked_sub(self.settings.rollup_retention.as_micros() as u64)
+            {
                 cycle.aux_deletes.extend(RollupBook::expired(self.store.store(), &vm, cutoff));
             }
         }

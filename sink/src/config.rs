@@ -183,7 +183,8 @@ fn validate(c: &FileConfig) -> Result<(), String> {
     if c.retention_days == Some(0) || c.vm.values().any(|v| v.retention_days == Some(0)) {
         return Err("retention_days must be at least 1".into());
     }
-    let rates = std::iter::once(("", c.rate())).chain(c.vm.iter().map(|(vm, o)| (vm.as_str(), o.rate())));
+    let rates =
+        std::iter::once(("", c.rate())).chain(c.vm.iter().map(|(vm, o)| (vm.as_str(), o.rate())));
     for (vm, rate) in rates {
         let table = if vm.is_empty() { String::new() } else { format!(" in [vm.{vm}]") };
         if rate.burst_events == Some(0) {

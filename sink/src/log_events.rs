@@ -196,7 +196,12 @@ pub fn query_failed(error: &dyn std::fmt::Display) {
 }
 
 pub fn vm_silent(vm: &str, quiet_secs: u64, interval_secs: u32) {
-    tracing::error!(vm, quiet_secs, interval_secs, "VM went silent: no heartbeat for three promised intervals");
+    tracing::error!(
+        vm,
+        quiet_secs,
+        interval_secs,
+        "VM went silent: no heartbeat for three promised intervals"
+    );
 }
 
 pub fn vm_back(vm: &str, quiet_secs: u64) {
@@ -204,13 +209,22 @@ pub fn vm_back(vm: &str, quiet_secs: u64) {
 }
 
 pub fn vm_never_seen(vm: &str) {
-    tracing::error!(vm, "expected VM has never connected: check its qlog-agent service and the qrexec policy");
+    tracing::error!(
+        vm,
+        "expected VM has never connected: check its qlog-agent service and the qrexec policy"
+    );
 }
 
 /// A stored rollup could not be read; its minute starts again from zero.
 pub fn rollup_unreadable(vm: &str, minute: u64, error: &str) {
     if let Some(suppressed) = LIMIT.check(&format!("rollup:{vm}")) {
-        tracing::warn!(vm, minute, error, suppressed, "telemetry rollup unreadable; counting that minute afresh");
+        tracing::warn!(
+            vm,
+            minute,
+            error,
+            suppressed,
+            "telemetry rollup unreadable; counting that minute afresh"
+        );
     }
 }
 

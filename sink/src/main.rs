@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use qlog_sink::committer::{Settings, VmLimits};
-use qlog_sink::health::HealthSettings;
 use qlog_sink::config::{self, FileConfig, DEFAULT_CONFIG};
 use qlog_sink::daemon::{self, Config};
+use qlog_sink::health::HealthSettings;
 use qlog_sink::rate_limit::{RateLimit, RateOverride};
 
 /// qlogd: the qlog sink for the Qubes log qube.

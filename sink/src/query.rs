@@ -146,13 +146,19 @@ async fn run_stats(
     wr: &mut OwnedWriteHalf,
 ) -> Result<(), QueryError> {
     if q.vms.len() > MAX_REQUEST_ITEMS || q.gauges.len() > MAX_REQUEST_ITEMS {
-        return Err((ErrorCode::BadQuery, format!("stats names more than {MAX_REQUEST_ITEMS} VMs or gauges")));
+        return Err((
+            ErrorCode::BadQuery,
+            format!("stats names more than {MAX_REQUEST_ITEMS} VMs or gauges"),
+        ));
     }
     if let Some(bad) = q.gauges.iter().find(|g| qlog_rpc::telemetry::gauge_spec(g).is_none()) {
         return Err((ErrorCode::BadQuery, format!("{bad:?} is not a gauge qlogd records")));
     }
     if q.until_usec <= q.since_usec {
-        return Err((ErrorCode::BadQuery, "the stats range is empty: --since must be before --until".into()));
+        return Err((
+            ErrorCode::BadQuery,
+            "the stats range is empty: --since must be before --until".into(),
+        ));
     }
     let mut known = ctx.shared.known_vms();
     // qlogd's own metrics are kept under its name before it has stored any event.
@@ -163,14 +169,24 @@ async fn run_stats(
     let unknown: Vec<&String> = q.vms.iter().filter(|v| !known.contains(v)).collect();
     if !unknown.is_empty() {
         let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-        return Err((ErrorCode::UnknownVm, format!("unknown VM {list}; known VMs: {}", known.join(", "))));
+        return Err((
+            ErrorCode::UnknownVm,
+            format!("unknown VM {list}; known VMs: {}", known.join(", ")),
+        ));
     }
     let vms = if q.vms.is_empty() { known } else { q.vms.clone() };
     let store = ctx.store.clone();
     let replies = tokio::task::spawn_blocking(move || {
         vms.iter()
             .map(|vm| {
-                crate::rollup::read_stats(&store, vm, q.since_usec, q.until_usec, q.bucket_minutes, &q.gauges)
+                crate::rollup::read_stats(
+                    &store,
+                    vm,
+                    q.since_usec,
+                    q.until_usec,
+                    q.bucket_minutes,
+                    &q.gauges,
+                )
             })
             .collect::<Result<Vec<_>, StoreError>>()
     })

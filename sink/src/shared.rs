@@ -149,7 +149,9 @@ impl Shared {
             self.vms.lock().expect("vm table lock is never poisoned").keys().cloned().collect();
         vms.extend(self.settings.expected_vms.iter().cloned());
         // A VM that connected but has not stored an event yet is known too.
-        vms.extend(self.health.lock().expect("health table lock is never poisoned").keys().cloned());
+        vms.extend(
+            self.health.lock().expect("health table lock is never poisoned").keys().cloned(),
+        );
         vms.sort();
         vms.dedup();
         vms

@@ -15,6 +15,14 @@
 //! The leak scan ([`Redactor::leak`]) runs the same rules over what was written, with
 //! every token blanked out first: any finding that would still change something is a
 //! leak. Since no detector matches across a newline, files are scanned line by line.
+//!
+//! FIXME(redact: token followed by a word character): the redact fuzz target found a
+//! value whose redaction leaves a base64-looking secret that the leak scan then flags,
+//! most likely because a token directly followed by a hex or word character is no longer
+//! recognised as a token. The export fails closed (it aborts, nothing leaves). The input
+//! is `tests/fuzz/regressions/redact/open-leak-after-token`; replay it with `cargo +nightly
+//! fuzz run -s none redact regressions/redact/open-leak-after-token` in
+//! `tests/fuzz`. Likely fix: end a token at its fixed length, not at a word boundary.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets in this directory (cargo-fuzz, libFuzzer, nightly).
 #
-#   run.sh brief [TARGET...]     each target for $FUZZ_SECONDS (default 10) seconds: CI
+#   run.sh brief [TARGET...]     each target for $FUZZ_RUNS (default 20000) executions from
+#                                a fixed seed, so a CI run is the same run every time: CI
 #   run.sh long N [TARGET...]    each target for N executions, one after another
 #
 # Fails on the first crash; libFuzzer leaves the input in artifacts/TARGET/ and
@@ -19,11 +20,12 @@ all=(descriptor frame event export query redact)
 mode=${1:-brief}
 shift || true
 case $mode in
-  brief) runs=-1; seconds=${FUZZ_SECONDS:-10} ;;
+  brief) runs=${FUZZ_RUNS:-20000}; seconds=0; seed=-seed=1 ;;
   long)
     runs=${1:?usage: run.sh long N [TARGET...]}
     shift
     seconds=0
+    seed=
     ;;
   *) echo "usage: run.sh brief|long N [TARGET...]" >&2; exit 2 ;;
 esac
@@ -46,10 +48,10 @@ cargo +nightly fuzz build "${flags[@]}"
 for t in "${targets[@]}"; do
   mkdir -p "work/$t" "artifacts/$t"
   log="work/$t.log"
-  echo "== fuzz $t ($([ "$runs" = -1 ] && echo "${seconds} s" || echo "$runs runs"))"
+  echo "== fuzz $t ($runs runs)"
   status=0
   nice -n "${FUZZ_NICE:-0}" cargo +nightly fuzz run "${flags[@]}" "$t" "work/$t" "corpus/$t" -- \
-    -runs="$runs" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+    -runs="$runs" -max_total_time="$seconds" $seed -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1 || status=$?
   grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^Done ' "$log" || true
   if [ "$status" -ne 0 ] || compgen -G "artifacts/$t/*" >/dev/null; then

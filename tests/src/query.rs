@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qlog_rpc::message::{decode_json, encode_json, MessageError};
-use qlog_rpc::query::{Done, EventsQuery, Lagged, Record, Request, StatsQuery, StatsReply, VmsReply};
+use qlog_rpc::query::{
+    Done, EventsQuery, Lagged, Record, Request, StatsQuery, StatsReply, VmsReply,
+};
 use qlog_rpc::{ErrorFrame, Frame, FrameType, Limits};
 
 use crate::wire::{FrameReader, ReadError};

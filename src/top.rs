@@ -108,7 +108,7 @@ pub fn frame(
     let mut out = format!(
         "qlog top: {} VMs, {} events/s, {} not ok    {}    q quits\n\n",
         rows.len(),
-        if rates.is_some() { format!("{total:.1}") } else { "…".into() },
+        if rates.is_some() { format!("{total:.1}") } else { "-".into() },
         unhealthy,
         chrono::Local::now().format("%Y-%m-%d %H:%M:%S"),
     );
@@ -119,7 +119,7 @@ pub fn frame(
     for vm in rows {
         let (eps, bps) = match rate(&vm.vm) {
             Some((e, b)) => (format!("{e:.1}"), format!("{}/s", human_bytes(b as u64))),
-            None => ("…".into(), "…".into()),
+            None => ("-".into(), "-".into()),
         };
         let quota = if vm.quota_bytes == 0 {
             0.0

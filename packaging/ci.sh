@@ -203,7 +203,7 @@ echo "systemd-analyze verify: ok"
 say "configuration"
 qlogd check-config /etc/qlog/qlogd.toml
 # Every key of the shipped example, uncommented, must be valid too.
-sed -E 's/^#([a-z_]+ = |\[vm\.)/\1/' /etc/qlog/qlogd.toml >"$work/qlogd-all-keys.toml"
+sed -E 's/^#([a-z_]+ = |\[vm\.|\[health\])/\1/' /etc/qlog/qlogd.toml >"$work/qlogd-all-keys.toml"
 grep -q '^vm_quota = ' "$work/qlogd-all-keys.toml" || fail "uncommenting the example failed"
 qlogd check-config "$work/qlogd-all-keys.toml"
 # The runtime copy, with dom0's expected VMs from a stand-in qubesdb-read.

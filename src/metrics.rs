@@ -39,7 +39,7 @@ pub fn show(socket: &Path) -> anyhow::Result<ExitCode> {
             gauges: Vec::new(),
         },
     )?;
-    let latest: Vec<(String, Option<Rollup>, Option<Rollup>)> = stats
+    let latest: Vec<(String, Rollup, Option<Rollup>)> = stats
         .into_iter()
         .map(|s| {
             // The newest bucket is the minute still filling; the one before it is whole.
@@ -48,7 +48,7 @@ pub fn show(socket: &Path) -> anyhow::Result<ExitCode> {
                 gauges.merge(r);
             }
             let whole = s.buckets.iter().rev().nth(1).map(|b| b.1.clone());
-            (s.vm, Some(gauges), whole)
+            (s.vm, gauges, whole)
         })
         .collect();
     print!("{}", render(&vms, &latest));
@@ -56,7 +56,7 @@ pub fn show(socket: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// The whole exposition, ending in `# EOF`.
-pub fn render(vms: &[VmInfo], latest: &[(String, Option<Rollup>, Option<Rollup>)]) -> String {
+pub fn render(vms: &[VmInfo], latest: &[(String, Rollup, Option<Rollup>)]) -> String {
     let mut out = String::new();
     let mut family =
         |name: &str, kind: &str, help: &str, unit: &str, rows: Vec<(String, String)>| {
@@ -165,7 +165,7 @@ pub fn render(vms: &[VmInfo], latest: &[(String, Option<Rollup>, Option<Rollup>)
         let rows: Vec<(String, String)> = latest
             .iter()
             .filter_map(|(vm, gauges, _)| {
-                let g = gauges.as_ref()?.gauges.get(spec.name)?;
+                let g = gauges.gauges.get(spec.name)?;
                 Some((vm_label(vm), float(g.last)))
             })
             .collect();
@@ -238,7 +238,7 @@ mod tests {
         let mut r = Rollup::default();
         r.events[3] = 2;
         r.observe("load1", 0.5);
-        let text = render(&vms, &[("sd-app".into(), Some(r.clone()), Some(r))]);
+        let text = render(&vms, &[("sd-app".into(), r.clone(), Some(r))]);
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("qlog_vm_events_stored{vm=\"sd-app\"} 5\n"));
         assert!(text.contains("qlog_vm_frames_rejected_total{vm=\"sd-app\"} 0\n"));

@@ -598,8 +598,9 @@ impl Connection {
                 if queued < MAX_PENDING_SAMPLES {
                     self.pending.push(Request::Telemetry { vm: self.key.0.clone(), sample });
                 } else if let Some(Request::Telemetry { sample: last, .. }) =
-                    self.pending.last_mut()
+                    self.pending.iter_mut().rev().find(|r| matches!(r, Request::Telemetry { .. }))
                 {
+                    // Counted on the newest queued sample, even if a heartbeat came after.
                     last.rejected += sample.values.len() as u64;
                 }
             }

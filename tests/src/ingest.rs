@@ -307,10 +307,16 @@ fn wait_for_end(frames: &mpsc::Receiver<FrameResult>, last: u64) -> anyhow::Resu
     }
 }
 
-fn event_frame(seq: u64, event: &Event) -> Vec<u8> {
+/// One `Event` frame, as an agent writes it.
+pub fn event_frame(seq: u64, event: &Event) -> Vec<u8> {
     let mut payload = Vec::new();
     encode_event_payload(seq, event, &mut payload);
     encode_to_vec(FrameType::Event, &payload)
+}
+
+/// The `Hello` frame of [`hello`]`(stream)`.
+pub fn hello_frame(stream: &str) -> Vec<u8> {
+    encode_json(FrameType::Hello, &hello(stream))
 }
 
 fn error_of(frame: &Frame) -> ErrorFrame {

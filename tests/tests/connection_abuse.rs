@@ -20,14 +20,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use qlog_rpc::event::encode_event_payload;
 use qlog_rpc::fields::MESSAGE;
-use qlog_rpc::frame::encode_to_vec;
-use qlog_rpc::message::{decode_json, encode_json, encode_u64};
+use qlog_rpc::message::{decode_json, encode_u64};
 use qlog_rpc::query::{EventsQuery, Filter};
 use qlog_rpc::{ErrorCode, ErrorFrame, Event, Frame, FrameType};
 use qlog_tests::agent::wait_for_records;
-use qlog_tests::ingest::descriptor;
+use qlog_tests::ingest::{descriptor, event_frame, hello_frame};
 use qlog_tests::process::poll_readable;
 use qlog_tests::{
     hello, ingest_events, query_events, query_vms, AgentOptions, Follower, RawIngest, RunningAgent,
@@ -48,16 +46,6 @@ fn message(text: &str) -> Event {
     let mut event = Event::new();
     event.push(MESSAGE, text);
     event
-}
-
-fn event_frame(seq: u64, event: &Event) -> Vec<u8> {
-    let mut payload = Vec::new();
-    encode_event_payload(seq, event, &mut payload);
-    encode_to_vec(FrameType::Event, &payload)
-}
-
-fn hello_frame(stream: &str) -> Vec<u8> {
-    encode_json(FrameType::Hello, &hello(stream))
 }
 
 fn error_code(frames: &[Frame]) -> Option<ErrorCode> {

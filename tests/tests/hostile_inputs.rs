@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use qlog_rpc::descriptor::{MAX_DESCRIPTOR_LEN, MAX_VM_NAME_LEN};
 use qlog_rpc::event::encode_event_payload;
 use qlog_rpc::frame::encode_to_vec;
-use qlog_rpc::message::{decode_json, decode_u64, encode_json, encode_u64};
+use qlog_rpc::message::{decode_json, decode_u64, encode_u64};
 use qlog_rpc::query::{EventsQuery, Filter, Record, RecordKind, VmInfo};
 use qlog_rpc::{fields, ErrorCode, ErrorFrame, Event, Frame, FrameType, Limits};
-use qlog_tests::ingest::descriptor;
+use qlog_tests::ingest::{descriptor, event_frame, hello_frame};
 use qlog_tests::{
     hello, ingest_events, query_events, query_vms, Follower, RawIngest, RunningSink, SinkOptions,
     IO_TIMEOUT,
@@ -131,16 +131,6 @@ fn send_and_get_rejected(sink: &RunningSink, bytes: &[u8]) -> ErrorFrame {
     let (error, frames) = rejection(&mut conn);
     assert!(frames.is_empty(), "nothing but the Error frame before a handshake: {frames:?}");
     error
-}
-
-fn event_frame(seq: u64, event: &Event) -> Vec<u8> {
-    let mut payload = Vec::new();
-    encode_event_payload(seq, event, &mut payload);
-    encode_to_vec(FrameType::Event, &payload)
-}
-
-fn hello_frame(stream: &str) -> Vec<u8> {
-    encode_json(FrameType::Hello, &hello(stream))
 }
 
 #[test]

@@ -242,7 +242,12 @@ fn hostile_telemetry_values_are_contained() {
     // The connection was not dropped for it, and the good VM's numbers are its own.
     let good_stats = poll_until("the good VM's sample", WAIT, || {
         let r = try_stats(&sink, "sd-good")?;
-        r.gauges.get("load1").map(|g| g.last).filter(|v| *v == 1.25).map(|_| r).ok_or_default()
+        r.gauges
+            .get("load1")
+            .map(|g| g.last)
+            .filter(|v| *v == 1.25)
+            .map(|_| r)
+            .ok_or_else(|| "not yet".to_owned())
     });
     assert_eq!(good_stats.telemetry_rejected, 0);
     assert_eq!(vm(&sink, "sd-evil").unwrap().frames_rejected, 0);
@@ -253,16 +258,6 @@ fn hostile_telemetry_values_are_contained() {
     conn.send_frame(FrameType::Telemetry, b"\xff\xfe").unwrap();
     let err = conn.expect_error(IO);
     assert!(err.message.contains("Telemetry"), "{err:?}");
-}
-
-trait OkOrDefault<T> {
-    fn ok_or_default(self) -> Result<T, String>;
-}
-
-impl<T> OkOrDefault<T> for Option<T> {
-    fn ok_or_default(self) -> Result<T, String> {
-        self.ok_or_else(|| "not yet".to_owned())
-    }
 }
 
 #[test]

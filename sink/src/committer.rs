@@ -13,7 +13,7 @@
 //! new chunk is taken meanwhile: acks stop, backpressure reaches the agents, nothing is
 //! acknowledged that is not on disk.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -198,8 +198,14 @@ pub struct Committer {
     /// not break that either.
     last_stamp: u64,
     rollups: RollupBook,
-    /// When rollups last went into a commit.
+    /// When the store last took a commit, and with it every change that was waiting.
     rollups_written: std::time::Instant,
+    /// VMs whose counters changed without anything to store (a rejected connection):
+    /// queries see the new counts at once, and the store gets them with the next commit,
+    /// as it gets telemetry-only rollup changes. A VM opening garbage connections as fast
+    /// as it can would otherwise cost an fsync per connection, paid for by every other
+    /// VM's acks and followers.
+    unsaved_vms: BTreeSet<String>,
     health: HealthBook,
     own: OwnMetrics,
 }
@@ -212,9 +218,9 @@ struct OwnMetrics {
     ticks: u64,
 }
 
-/// Longest that telemetry-only rollup changes (gauges, heartbeats) wait for a commit of
-/// events before they are committed on their own; a crash loses at most this much of
-/// them.
+/// Longest that telemetry-only rollup changes (gauges, heartbeats) and rejection counts
+/// wait for a commit of events before they are committed on their own; a crash loses at
+/// most this much of them.
 const ROLLUP_FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// qlogd samples its own metrics every this many health ticks (seconds).
@@ -290,6 +296,7 @@ impl Committer {
             last_stamp,
             rollups,
             rollups_written: std::time::Instant::now(),
+            unsaved_vms: BTreeSet::new(),
             health,
             own,
         })
@@ -312,8 +319,10 @@ impl Committer {
                 self.expire(&mut cycle);
             }
             self.record_refusals(&mut cycle);
-            self.commit(cycle);
+            self.commit(cycle, false);
         }
+        // What waited for a later commit must not wait for one that never comes.
+        self.commit(Cycle::default(), true);
         tracing::debug!("committer finished: all ingest connections are gone");
     }
 
@@ -341,7 +350,7 @@ impl Committer {
             Request::Chunk(chunk) => self.accept(chunk, cycle),
             Request::Rejected { vm } => {
                 self.vm_state(&vm).frames_rejected += 1;
-                cycle.touch_vm(&vm);
+                self.unsaved_vms.insert(vm.clone());
                 self.rollups.at(self.store.store(), &vm, now_usec()).rejected_frames += 1;
             }
             Request::RetentionTick => *retention_due = true,
@@ -710,7 +719,9 @@ impl Committer {
         ))
     }
 
-    fn commit(&mut self, mut cycle: Cycle) {
+    /// Stores the cycle; `flush` also stores what would otherwise wait for a later
+    /// commit (see [`Committer::unsaved_vms`]).
+    fn commit(&mut self, mut cycle: Cycle, flush: bool) {
         // Encode one batch per VM, trimming VMs over quota first so the new batch fits.
         let mut set = CommitSet::default();
         let mut published = Vec::new();
@@ -748,21 +759,33 @@ impl Committer {
             && cycle.deletes.is_empty()
             && cycle.touched_vms.is_empty()
             && cycle.aux_deletes.is_empty();
-        // Heartbeats and samples alone change only rollups; they ride along with the next
-        // commit of events, or go on their own at most every ROLLUP_FLUSH_EVERY, so
-        // telemetry never adds an fsync per sample. Event counts are never held back:
-        // they are in the cycle that stores the events.
+        // Heartbeats and samples alone change only rollups, and rejections only counters;
+        // they ride along with the next commit of events, or go on their own at most
+        // every ROLLUP_FLUSH_EVERY, so neither adds an fsync per sample or connection.
+        // Event counts are never held back: they are in the cycle that stores the events.
+        let dirty = self.rollups.has_dirty() || !self.unsaved_vms.is_empty();
         if only_rollups
-            && (!self.rollups.has_dirty() || self.rollups_written.elapsed() < ROLLUP_FLUSH_EVERY)
+            && (!dirty || (!flush && self.rollups_written.elapsed() < ROLLUP_FLUSH_EVERY))
         {
+            let unsaved: Vec<_> = (self.unsaved_vms.iter())
+                .map(|vm| (vm.clone(), self.vms.get(vm).cloned().unwrap_or_default()))
+                .collect();
+            self.shared.publish(
+                unsaved,
+                Vec::new(),
+                self.next_batch_id.saturating_sub(1),
+                0,
+                Vec::new,
+            );
             self.notify(&cycle.touched_streams);
             return;
         }
+        for vm in std::mem::take(&mut self.unsaved_vms) {
+            cycle.touch_vm(&vm);
+        }
         set.aux = self.rollups.take_dirty();
         set.aux_deletes = std::mem::take(&mut cycle.aux_deletes);
-        if !set.aux.is_empty() {
-            self.rollups_written = std::time::Instant::now();
-        }
+        self.rollups_written = std::time::Instant::now();
 
         for key in &cycle.touched_streams {
             let mem = self.streams.get(key).expect("touched streams are registered");

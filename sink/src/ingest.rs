@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::committer::{Chunk, Item, Request};
 use crate::log_events;
-use crate::rate_limit::{Buckets, SharedBucket};
+use crate::rate_limit::{Buckets, Rejections, SharedBucket};
 use crate::shared::Shared;
 use qlog_rpc::telemetry::Sample;
 
@@ -65,6 +65,8 @@ pub struct IngestContext {
     /// Each VM's token bucket, shared by all of its connections; checked for every event
     /// and gap before it is queued to the committer (see `rate_limit.rs`).
     buckets: Buckets,
+    /// Each VM's budget of rejected connections before their replies are delayed.
+    rejections: Rejections,
     /// Flips to true when qlogd starts shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -101,6 +103,7 @@ impl IngestContext {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             idle_timeout_override: None,
             buckets: Buckets::default(),
+            rejections: Rejections::default(),
             shutdown,
         }
     }
@@ -275,6 +278,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>, handshake: Owned
         pending: Vec::new(),
         bucket: ctx.buckets.for_vm(&vm, ctx.shared.settings().rate_limit(&vm)),
         held_since: None,
+        refused_bytes: 0,
     };
     conn.chunk.key = conn.key.clone();
     let outcome = conn.read_loop(&mut rd, decoder, idle_timeout).await;
@@ -295,6 +299,7 @@ pub async fn serve(stream: UnixStream, ctx: Arc<IngestContext>, handshake: Owned
         }
         Outcome::Rejected(r) => {
             log_events::connection_rejected(&vm, &r.message);
+            penalise(&ctx, &vm).await;
             let _ = ctx.committer.send(Request::Rejected { vm: vm.clone() }).await;
             let _ = ctl_tx.send(ErrorFrame::new(r.code, r.message).encode()).await;
         }
@@ -336,6 +341,7 @@ fn take_slot(ctx: &Arc<IngestContext>, vm: &str) -> Option<VmSlot> {
 async fn reject(ctx: &IngestContext, wr: &mut OwnedWriteHalf, vm: Option<String>, r: Rejection) {
     log_events::connection_rejected(vm.as_deref().unwrap_or("unknown"), &r.message);
     if let Some(vm) = vm {
+        penalise(ctx, &vm).await;
         let _ = ctx.committer.send(Request::Rejected { vm }).await;
     }
     let frame = ErrorFrame::new(r.code, r.message).encode();
@@ -344,6 +350,22 @@ async fn reject(ctx: &IngestContext, wr: &mut OwnedWriteHalf, vm: Option<String>
         wr.shutdown().await
     })
     .await;
+}
+
+/// Waits before a rejected connection of `vm` is answered, once the VM has spent its
+/// budget of rejections (see `rate_limit.rs`). The caller keeps its handshake place or
+/// connection slot meanwhile, so a VM cannot have more delayed connections than those.
+/// Connections without a VM (no valid descriptor) are not delayed: qrexec always
+/// writes one, so they come from the log qube itself, and holding their places would
+/// only fill the handshake pool sooner.
+async fn penalise(ctx: &IngestContext, vm: &str) {
+    if let Some(wait) = ctx.rejections.penalty(vm, Instant::now()) {
+        let mut shutdown = ctx.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|down| *down) => {}
+        }
+    }
 }
 
 /// Reads up to and including the descriptor's NUL; bytes after it go to the decoder.
@@ -420,6 +442,16 @@ enum Outcome {
     Rejected(Rejection),
 }
 
+/// What woke a connection's read loop.
+enum Turn {
+    /// `n` bytes were read.
+    Read(usize),
+    /// A pause for pacing ended.
+    Paced,
+    /// Held refusals are due to the committer.
+    HeldDue,
+}
+
 struct Connection {
     ctx: Arc<IngestContext>,
     key: (String, String),
@@ -436,6 +468,9 @@ struct Connection {
     bucket: SharedBucket,
     /// Since when a chunk of nothing but refusals has been held back.
     held_since: Option<tokio::time::Instant>,
+    /// Payload bytes of the items refused since the last read, for the bucket's pacing
+    /// clock (see `rate_limit.rs`).
+    refused_bytes: u64,
 }
 
 impl Connection {
@@ -482,37 +517,48 @@ impl Connection {
                 return Outcome::Shutdown;
             }
             let held_deadline = self.held_since.map(|t| t + HOLD_REFUSALS);
+            let paced = self.pace();
+            // While paced, a peer's whole frames stop arriving through no fault of its
+            // own: the pause must not count towards its idle timeout.
+            if let Some(until) = paced {
+                idle_deadline = idle_deadline.max(until + idle_timeout);
+            }
             // One full read buffer of work per turn: a peer that always has more input
             // (a flooding VM) would otherwise keep a runtime worker until tokio's budget
             // runs out, a hundred buffers later, while other VMs' frames wait.
             if filled {
                 tokio::task::yield_now().await;
             }
-            let n = tokio::select! {
+            let turn = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|down| *down) => return Outcome::Shutdown,
-                _ = tokio::time::sleep_until(held_deadline.unwrap_or(idle_deadline)), if held_deadline.is_some() => None,
+                _ = tokio::time::sleep_until(held_deadline.unwrap_or(idle_deadline)), if held_deadline.is_some() => Turn::HeldDue,
+                _ = tokio::time::sleep_until(paced.unwrap_or(idle_deadline)), if paced.is_some() => Turn::Paced,
                 _ = tokio::time::sleep_until(idle_deadline) => {
                     let message = format!("no complete frame for {} s; reconnect when there is something to send", idle_timeout.as_secs());
                     return Outcome::Rejected(Rejection::new(ErrorCode::IdleTimeout, message));
                 }
-                r = rd.read(&mut buf) => match r {
+                r = rd.read(&mut buf), if paced.is_none() => match r {
                     Ok(0) | Err(_) => {
                         return match decoder.finish() {
                             Ok(()) => Outcome::Eof,
                             Err(e) => Outcome::Rejected(Rejection::new(ErrorCode::BadFrame, e.to_string())),
                         };
                     }
-                    Ok(n) => Some(n),
+                    Ok(n) => Turn::Read(n),
                 },
             };
-            // Held refusals are due: hand them over (awaiting here, not inside the
-            // select, whose output holds the shutdown watch's guard).
-            let Some(n) = n else {
-                if !self.flush().await {
-                    return Outcome::Shutdown;
+            let n = match turn {
+                Turn::Read(n) => n,
+                Turn::Paced => continue,
+                // Held refusals are due: hand them over (awaiting here, not inside the
+                // select, whose output holds the shutdown watch's guard).
+                Turn::HeldDue => {
+                    if !self.flush().await {
+                        return Outcome::Shutdown;
+                    }
+                    continue;
                 }
-                continue;
             };
             filled = n == buf.len();
             decoder.feed(&buf[..n]);
@@ -543,7 +589,7 @@ impl Connection {
                 // the agent's journal resumes: only its fields are left out.
                 if !self.admit(payload.len()) {
                     self.chunk.last_cursor = cursor_of(&scan, payload);
-                    self.refuse(scan.seq);
+                    self.refuse(scan.seq, payload.len());
                     return Ok(false);
                 }
                 let start = self.chunk.raw.len();
@@ -570,7 +616,7 @@ impl Connection {
                 self.check_seq(gap.seq)?;
                 // Gap reports become records too, so they draw on the same bucket.
                 if !self.admit(payload.len()) {
-                    self.refuse(gap.seq);
+                    self.refuse(gap.seq, payload.len());
                     return Ok(false);
                 }
                 self.accept_seq(gap.seq);
@@ -633,6 +679,14 @@ impl Connection {
         self.max_seq = self.max_seq.max(seq);
     }
 
+    /// Charges what was refused since the last call to the VM's pacing clock; the
+    /// instant before which this connection must not read, if any.
+    fn pace(&mut self) -> Option<tokio::time::Instant> {
+        let mut bucket = self.bucket.lock().expect("bucket lock is never poisoned");
+        let until = bucket.pace(std::mem::take(&mut self.refused_bytes), Instant::now());
+        until.map(tokio::time::Instant::from_std)
+    }
+
     /// True if the VM's bucket has room for an item of `bytes` payload bytes.
     fn admit(&self, bytes: usize) -> bool {
         let mut bucket = self.bucket.lock().expect("bucket lock is never poisoned");
@@ -643,13 +697,15 @@ impl Connection {
     /// back become one [`Item::Refused`]: the committer needs their range and count, not
     /// each one, and a flood of them then costs the queue a few bytes per chunk.
     ///
-    /// The design decision: over its limit a VM loses items rather than being slowed
-    /// down. Holding its reads instead would keep everything, but would also let a VM
-    /// that never stops hold its connections and the agent's journal position forever,
-    /// and an agent that is behind could never tell the operator. Refusing, acking and
-    /// recording a gap is what journald does to a service over its limit.
-    fn refuse(&mut self, seq: u64) {
+    /// The design decision: over its limit a VM loses items rather than being held.
+    /// Holding its reads until the bucket refills would keep everything, but would also
+    /// let a VM that never stops hold its connections and the agent's journal position
+    /// forever, and an agent that is behind could never tell the operator. Refusing,
+    /// acking and recording a gap is what journald does to a service over its limit; the
+    /// connection is only read more slowly meanwhile (the bucket's pacing clock).
+    fn refuse(&mut self, seq: u64, bytes: usize) {
         self.accept_seq(seq);
+        self.refused_bytes += bytes as u64;
         let now = crate::committer::now_usec();
         if let Some(Item::Refused { last_seq, count, last_usec, .. }) = self.chunk.items.last_mut()
         {

@@ -26,6 +26,20 @@
 //! in a chunk, so a flooding VM holds at most `max_connections_per_vm` of the queue and
 //! fills the committer's cycles only with what its bucket admits.
 //!
+//! Refusing still costs qlogd the read and parse of every refused item, and a VM that
+//! writes as fast as its link allows would make that a whole core taken from the others.
+//! So a VM that is being refused is also read more slowly: each bucket keeps a pacing
+//! clock, advanced by the payload bytes refused at [`REFUSED_READ_BYTES_PER_SEC`], and
+//! none of the VM's connections reads again before it. The cost moves to the flooder,
+//! whose writes block as qrexec relays the backpressure, and the agent's journal
+//! position still moves, at tens of thousands of refused entries a second.
+//!
+//! Rejected connections are a cost of their own: a VM can open connection after
+//! connection that fails its handshake or sends a bad frame, each an accept, a parse
+//! and a reply for qlogd. [`Rejections`] gives each VM a small budget of rejections;
+//! beyond it, the reply to a rejected connection waits [`REJECTION_PENALTY`], which a
+//! sender that waits for its answer, as qrexec's client does, feels as a rate limit.
+//!
 //! FIXME(catch-up): an honest agent that replays a backlog larger than the burst after
 //! a long outage of the log qube loses the excess, because refusing cannot tell a
 //! backlog from a flood. Announcing the bucket in the Welcome, so that the agent paces
@@ -34,7 +48,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Sustained events per second a VM may send, unless configured. Journald's default
 /// allows 333 per second per service; a VM runs many services, but rarely sustains more
@@ -49,6 +63,23 @@ pub const DEFAULT_BURST_EVENTS: u64 = 300_000;
 pub const DEFAULT_BYTES_PER_SEC: u64 = 4 << 20;
 /// Payload bytes a VM may send at once above its rate.
 pub const DEFAULT_BURST_BYTES: u64 = 256 << 20;
+
+/// How fast a VM's connections are read, together, while its items are refused: payload
+/// bytes of refused items per second.
+pub const REFUSED_READ_BYTES_PER_SEC: u64 = 8 << 20;
+
+/// Rejected connections a VM may have at once before their replies are delayed.
+pub const REJECTION_BURST: f64 = 10.0;
+/// How fast that budget refills, in rejections per second.
+pub const REJECTIONS_PER_SEC: f64 = 1.0;
+/// How long the reply to a rejected connection waits once the VM's budget is spent.
+/// Well below the handshake timeout, so a delayed connection holds its handshake place
+/// no longer than a silent peer may.
+pub const REJECTION_PENALTY: Duration = Duration::from_millis(250);
+/// Most VMs [`Rejections`] remembers; past it, VMs whose budget is full are forgotten,
+/// which costs them nothing. Names come from qrexec's descriptor, but a local user with
+/// access to the socket can forge any number of them.
+const MAX_REJECTING_VMS: usize = 4096;
 
 /// One VM's limits. A rate of 0 turns that dimension's limit off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +150,8 @@ pub struct TokenBucket {
     events: f64,
     bytes: f64,
     refilled: Instant,
+    /// No connection of this VM reads before this instant; see the module doc.
+    paced_until: Instant,
 }
 
 impl TokenBucket {
@@ -129,7 +162,20 @@ impl TokenBucket {
             events: limit.burst_events as f64,
             bytes: limit.burst_bytes as f64,
             refilled: now,
+            paced_until: now,
         }
+    }
+
+    /// Charges `refused_bytes` of refused payload to the pacing clock and returns the
+    /// instant before which the VM's connections must not read, if it is after `now`.
+    pub fn pace(&mut self, refused_bytes: u64, now: Instant) -> Option<Instant> {
+        if refused_bytes > 0 {
+            let nanos =
+                u128::from(refused_bytes) * 1_000_000_000 / u128::from(REFUSED_READ_BYTES_PER_SEC);
+            let pause = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+            self.paced_until = self.paced_until.max(now) + pause;
+        }
+        (self.paced_until > now).then_some(self.paced_until)
     }
 
     pub fn limit(&self) -> RateLimit {
@@ -183,10 +229,37 @@ impl Buckets {
     }
 }
 
+/// Every VM's rejection budget; see the module doc.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    table: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl Rejections {
+    /// Counts a rejected connection of `vm`; how long its reply must wait, if at all.
+    pub fn penalty(&self, vm: &str, now: Instant) -> Option<Duration> {
+        let mut table = self.table.lock().expect("rejection table lock is never poisoned");
+        if table.len() >= MAX_REJECTING_VMS && !table.contains_key(vm) {
+            table.retain(|_, (left, at)| {
+                let refill = now.saturating_duration_since(*at).as_secs_f64() * REJECTIONS_PER_SEC;
+                *left + refill < REJECTION_BURST
+            });
+        }
+        let (left, at) = table.entry(vm.to_owned()).or_insert((REJECTION_BURST, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() * REJECTIONS_PER_SEC;
+        *left = (*left + refill).min(REJECTION_BURST);
+        *at = (*at).max(now);
+        if *left >= 1.0 {
+            *left -= 1.0;
+            None
+        } else {
+            Some(REJECTION_PENALTY)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn limit(events_per_sec: u64, burst_events: u64) -> RateLimit {
@@ -226,6 +299,56 @@ mod tests {
         assert!(!b.take(1, t0), "and is then in debt");
         assert!(!b.take(1, t0 + Duration::from_secs(40)));
         assert!(b.take(1, t0 + Duration::from_secs(41)));
+    }
+
+    #[test]
+    fn refused_bytes_pace_reads_at_the_refused_read_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(limit(1, 1), t0);
+        assert_eq!(b.pace(0, t0), None, "nothing refused, no pause");
+        let rate = REFUSED_READ_BYTES_PER_SEC;
+        let until = b.pace(rate / 8, t0).expect("a pause");
+        assert_eq!(until - t0, Duration::from_millis(125));
+        // Another connection refusing meanwhile extends the same clock.
+        let until = b.pace(rate / 8, t0 + Duration::from_millis(50)).expect("a pause");
+        assert_eq!(until - t0, Duration::from_millis(250));
+        assert_eq!(b.pace(0, t0 + Duration::from_millis(50)), Some(until));
+        assert_eq!(b.pace(0, until), None, "due once the clock is reached");
+        // Idle time is not saved up: the clock starts from now.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(b.pace(rate, later), Some(later + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn rejections_beyond_the_budget_are_delayed_per_vm() {
+        let t0 = Instant::now();
+        let r = Rejections::default();
+        let burst = REJECTION_BURST as usize;
+        assert!((0..burst).all(|_| r.penalty("sd-app", t0).is_none()));
+        assert_eq!(r.penalty("sd-app", t0), Some(REJECTION_PENALTY));
+        assert_eq!(r.penalty("sd-proxy", t0), None, "another VM has its own budget");
+        // One rejection back per 1/REJECTIONS_PER_SEC seconds.
+        let later = t0 + Duration::from_secs_f64(1.0 / REJECTIONS_PER_SEC);
+        assert_eq!(r.penalty("sd-app", later), None);
+        assert_eq!(r.penalty("sd-app", later), Some(REJECTION_PENALTY));
+    }
+
+    #[test]
+    fn the_rejection_table_forgets_vms_with_a_full_budget() {
+        let t0 = Instant::now();
+        let r = Rejections::default();
+        for i in 0..MAX_REJECTING_VMS {
+            r.penalty(&format!("vm{i}"), t0);
+        }
+        for _ in 0..REJECTION_BURST as usize {
+            r.penalty("vm0", t0);
+        }
+        let later = t0 + Duration::from_secs(2);
+        r.penalty("new", later);
+        let table = r.table.lock().unwrap();
+        // vm0 spent its budget and keeps its entry; the others are full again by now.
+        assert!(table.contains_key("vm0") && table.contains_key("new"), "{:?}", table.len());
+        assert_eq!(table.len(), 2);
     }
 
     #[test]

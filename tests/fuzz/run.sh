@@ -12,7 +12,9 @@
 # (gitignored), which later runs start from.
 # No sanitizer: the code under test has no `unsafe`, and without ASan both the build and
 # the runs are several times faster. Debug assertions (and so overflow checks) are on, as
-# cargo fuzz builds by default. FUZZ_NICE=10 runs the fuzzers at a lower priority.
+# cargo fuzz builds by default. FUZZ_NICE=10 runs the fuzzers at a lower priority;
+# FUZZ_ARGS adds libFuzzer flags (a long run that may be paused with SIGSTOP wants
+# FUZZ_ARGS=-timeout=3600, since libFuzzer's unit timeout counts wall-clock time).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -54,7 +56,7 @@ for t in "${targets[@]}"; do
   before=$(find "artifacts/$t" -type f | wc -l)
   nice -n "${FUZZ_NICE:-0}" cargo +nightly fuzz run "${flags[@]}" "$t" "work/$t" "corpus/$t" -- \
     -runs="$runs" -max_total_time="$seconds" $seed -timeout=10 -rss_limit_mb=2048 \
-    -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1 || status=$?
+    -print_final_stats=1 -artifact_prefix="artifacts/$t/" ${FUZZ_ARGS:-} >"$log" 2>&1 || status=$?
   grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^Done ' "$log" || true
   if [ "$status" -ne 0 ] || [ "$(find "artifacts/$t" -type f | wc -l)" -gt "$before" ]; then
     tail -n 40 "$log" >&2

@@ -131,6 +131,18 @@ impl RunningSink {
         self.spawn_and_wait_ready();
     }
 
+    /// Stops qlogd with SIGTERM, as systemd would, and starts it again over the same
+    /// state dir and socket paths.
+    ///
+    /// # Panics
+    ///
+    /// As [`RunningSink::terminate`] does, and if qlogd exits other than cleanly.
+    pub fn restart_cleanly(&mut self) {
+        let (status, _) = self.terminate();
+        assert!(status.success(), "qlogd exited with {status} on SIGTERM");
+        self.spawn_and_wait_ready();
+    }
+
     /// SIGKILLs qlogd, as a crash or power loss would end it, and reaps it. Does nothing
     /// if it is not running.
     pub fn kill9(&mut self) {

@@ -145,7 +145,8 @@ fn a_million_event_burst_from_one_vm_stays_under_128_mib() {
     let sink = RunningSink::start(SinkOptions::default());
     let started = std::time::Instant::now();
     let last = flood::burst(sink.ingest_socket(), "sd-burst", BURST_EVENTS);
-    eprintln!("burst of {BURST_EVENTS} acknowledged in {:?}", started.elapsed());
+    let took = started.elapsed();
+    eprintln!("burst of {BURST_EVENTS} acknowledged in {took:?}");
     assert_eq!(last, BURST_EVENTS);
 
     let peak = flood::peak_rss_kib(sink.pid());
@@ -165,6 +166,18 @@ fn a_million_event_burst_from_one_vm_stays_under_128_mib() {
     assert!(info.events_refused_rate > 0, "{info:?}");
     assert_eq!(info.events_stored - gaps + info.events_refused_rate, BURST_EVENTS, "{info:?}");
     assert_eq!(info.streams[0].last_seq, BURST_EVENTS, "{info:?}");
+
+    // While refusing, qlogd reads the VM no faster than its refused-read rate
+    // (REFUSED_READ_BYTES_PER_SEC in sink/src/rate_limit.rs, 8 MiB/s), so that refusing
+    // a flood costs it little CPU. Each refused event weighs at least the first one.
+    let mut first = qlog_rpc::Event::new();
+    first.push(fields::MESSAGE, flood::message("sd-burst", "burst", 1));
+    first.push(fields::PRIORITY, "6");
+    let mut payload = Vec::new();
+    qlog_rpc::event::encode_event_payload(1, &first, &mut payload);
+    let refused_bytes = info.events_refused_rate * payload.len() as u64;
+    let floor = std::time::Duration::from_secs_f64(refused_bytes as f64 / (8 << 20) as f64);
+    assert!(took >= floor, "{refused_bytes} refused bytes read in {took:?}, under {floor:?}");
 }
 
 #[test]

@@ -682,3 +682,32 @@ fn frames_only_the_sink_sends_are_unexpected_from_a_peer() {
     });
     assert_eq!(vm_info(&sink, "sd-confused").map(|v| v.frames_rejected), Some(5));
 }
+
+#[test]
+fn a_vm_that_keeps_getting_rejected_is_answered_ever_slower_and_its_count_survives_a_restart() {
+    let mut sink = RunningSink::start(SinkOptions::default());
+    let bad_hello = [descriptor("sd-garbage", ""), vec![0xff; 64]].concat();
+    // The budget (REJECTION_BURST in sink/src/rate_limit.rs): that many rejections are
+    // answered at once...
+    let budget = 10;
+    for _ in 0..budget {
+        assert_eq!(send_and_get_rejected(&sink, &bad_hello).code, ErrorCode::BadFrame);
+    }
+    // ...and past it each reply waits, the cost that slows a VM looping on garbage.
+    // Only the lower bound is checked: the wait is the sink's, not the machine's.
+    let started = Instant::now();
+    for _ in 0..2 {
+        assert_eq!(send_and_get_rejected(&sink, &bad_hello).code, ErrorCode::BadFrame);
+    }
+    let penalty = Duration::from_millis(250); // REJECTION_PENALTY
+    assert!(started.elapsed() >= penalty * 2, "{:?} for two replies", started.elapsed());
+
+    // Another VM's events go through as ever, and counts are published at once, though
+    // rejections alone wait for a later commit to reach the store...
+    send_bystander(&sink, 1..=10);
+    assert_eq!(vm_info(&sink, "sd-garbage").map(|v| v.frames_rejected), Some(budget + 2));
+    // ...which a clean shutdown makes.
+    send_and_get_rejected(&sink, &bad_hello);
+    sink.restart_cleanly();
+    assert_eq!(vm_info(&sink, "sd-garbage").map(|v| v.frames_rejected), Some(budget + 3));
+}

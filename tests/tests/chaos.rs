@@ -41,7 +41,9 @@
 //! 16 MiB. The long version: `QLOG_CHAOS_CYCLES=500 QLOG_CHAOS_STORE_GIB=1`, which
 //! pre-fills about 1 GiB of incompressible events before the chaos starts. Every restart's
 //! time from spawn to a first answered query is printed; `QLOG_CHAOS_MAX_RESTART_MS`
-//! (by default 10000, a hang detector) bounds it.
+//! (by default 10000, a hang detector) bounds it. Those times are a performance figure,
+//! so measure them with `cargo test --release`: a debug build opens the store about ten
+//! times slower.
 
 use std::collections::BTreeMap;
 use std::fs::File;

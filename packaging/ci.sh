@@ -178,6 +178,7 @@ for f in /etc/qlog/qlogd.toml /usr/lib/systemd/system/qlogd.service \
     /usr/lib/systemd/system/qlog-agent.service /usr/lib/sysusers.d/qlog-sink.conf \
     /usr/lib/tmpfiles.d/qlog-sink.conf /usr/lib/qubes-bind-dirs.d/50_qlog-sink.conf \
     /usr/share/man/man8/qlogd.8.gz /usr/share/man/man1/qlog.1.gz \
+    /usr/share/man/man1/qlog-tail.1.gz /usr/share/man/man1/qlog-bundle-verify.1.gz \
     /usr/share/man/man1/qlog-agent.1.gz /usr/share/bash-completion/completions/qlog \
     /usr/share/zsh/vendor-completions/_qlog /usr/share/fish/vendor_completions.d/qlog.fish; do
     [ -f "$f" ] || fail "$f is not installed"

@@ -5,8 +5,8 @@
 #
 #   packaging/gen-assets.sh [--out DIR] [--sink-bin DIR] [--agent-bin DIR]
 #
-# `qlog man` and `qlog completions SHELL` (hidden subcommands) give qlog's own
-# page and completions. qlogd and qlog-agent have no such subcommands, so their
+# `qlog man --dir` and `qlog completions SHELL` (hidden subcommands) give qlog's own
+# pages and completions. qlogd and qlog-agent have no such subcommands, so their
 # pages come from help2man over --help (plus packaging/man/*.h2m), and their
 # completions are generic: bash's _longopt and zsh's _gnu_generic parse
 # --help at completion time, and the fish file is generated here from --help.
@@ -65,12 +65,16 @@ fish_from_help() {
         }'
 }
 
-# qlog: its own generators when it has them, help2man otherwise.
-if "$qlog" man >"$out/man/qlog.1" 2>/dev/null; then
-    echo "gen-assets.sh: qlog.1 from 'qlog man'"
+# qlog: its own generators when it has them, help2man otherwise. Its pages (qlog.1 and
+# one per subcommand, qlog-tail.1 and so on) get a directory of their own, so that the
+# qlog-sink package can take them all with one glob and no other package's page.
+mkdir -p "$out/man/qlog"
+if "$qlog" man --dir "$out/man/qlog" 2>/dev/null; then
+    echo "gen-assets.sh: $(ls "$out/man/qlog" | wc -l) qlog pages from 'qlog man --dir'"
 else
-    echo "gen-assets.sh: 'qlog man' is not there; qlog.1 from help2man"
+    echo "gen-assets.sh: 'qlog man --dir' is not there; qlog.1 from help2man"
     from_help "$qlog" 1
+    mv "$out/man/qlog.1" "$out/man/qlog/"
 fi
 if "$qlog" completions bash >"$out/completions/bash/qlog" 2>/dev/null; then
     "$qlog" completions zsh >"$out/completions/zsh/_qlog"
@@ -96,5 +100,5 @@ for bin in "$qlogd" "$agent"; do
 done
 
 # Debian wants man pages compressed, reproducibly.
-gzip -9nf "$out"/man/*.[18]
+gzip -9nf "$out"/man/*.[18] "$out"/man/qlog/*.1
 echo "gen-assets.sh: wrote $(find "$out" -type f | wc -l) files under $out"

@@ -106,9 +106,14 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page in roff (for packaging).
+    /// Print the man page in roff, or with --dir write one page per subcommand there
+    /// (qlog.1, qlog-tail.1, qlog-bundle-verify.1, ...), for packaging.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Directory to write every page into; it must exist.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Which events: journalctl's filters, shared by every command that selects events.
@@ -178,11 +183,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdout().write_all(&script).context("cannot write the completion script")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
+        Command::Man { dir } => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
-                .context("cannot write the man page")?;
+            match dir {
+                // Hidden subcommands (these generators, the demo's helpers) get no page.
+                Some(dir) => clap_mangen::generate_to(cmd, &dir).with_context(|| {
+                    format!(
+                        "cannot write the man pages into {}: it must be a writable directory",
+                        dir.display()
+                    )
+                })?,
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .context("cannot write the man page")?,
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

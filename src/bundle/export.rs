@@ -162,7 +162,7 @@ fn read_records(
         };
         let real_vm = record.vm.clone();
         let out_record = match &mut redactor {
-            Some(r) => valid_utf8(r.redact_record(record)),
+            Some(r) => r.redact_record(record),
             None => record,
         };
         batch.push(Encoded { real_vm, record: out_record, json: None });
@@ -594,18 +594,6 @@ fn scan_lines(
         scanner.check_masked(line, json, path, masks)?;
     }
     Ok(())
-}
-
-/// Makes every value valid UTF-8: each invalid sequence becomes U+FFFD. A JSON byte
-/// array, journalctl's way, would hide its text from the leak scan and from readers;
-/// binary values were already removed whole.
-fn valid_utf8(mut r: Record) -> Record {
-    for f in &mut r.event.fields {
-        if std::str::from_utf8(&f.value).is_err() {
-            f.value = String::from_utf8_lossy(&f.value).into_owned().into_bytes();
-        }
-    }
-    r
 }
 
 /// The VM table as `vms.json` holds it. Every string in it is redacted, not only the

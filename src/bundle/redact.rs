@@ -235,9 +235,14 @@ impl Redactor {
         token
     }
 
-    /// The record as it may leave: allowlisted fields only, every value redacted, the VM
-    /// by its token. Values stay bytes; making them JSON is the writer's business. Takes
-    /// the record so that what needs no change moves instead of being copied.
+    /// The record as it may leave: allowlisted fields only, every value valid UTF-8 and
+    /// redacted, the VM by its token. Valid UTF-8 because a JSON byte array, journalctl's
+    /// way with such values, would hide the text from readers and from the leak scan.
+    /// Invalid UTF-8 becomes U+FFFD *before* redaction,
+    /// so that the rules see the very bytes a bundle holds: a rule that stops at an
+    /// invalid byte may run on over the replacement character, and the leak scan reads
+    /// the written file. Takes the record so that what needs no change moves instead of
+    /// being copied.
     pub fn redact_record(&mut self, r: Record) -> Record {
         let vm = self.vm_token(&r.vm);
         let stream = match self.redact_value(r.stream.as_bytes()) {
@@ -258,11 +263,15 @@ impl Redactor {
                 event.push(f.name, placeholder);
                 continue;
             }
-            let redacted = match self.redact_value(&f.value) {
+            let value = match String::from_utf8(f.value) {
+                Ok(text) => text.into_bytes(),
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned().into_bytes(),
+            };
+            let redacted = match self.redact_value(&value) {
                 Cow::Borrowed(_) => None,
                 Cow::Owned(v) => Some(v),
             };
-            event.fields.push(Field { name: f.name, value: redacted.unwrap_or(f.value) });
+            event.fields.push(Field { name: f.name, value: redacted.unwrap_or(value) });
         }
         Record { vm, stream, received_usec: r.received_usec, seq: r.seq, kind: r.kind, event }
     }
@@ -980,6 +989,34 @@ mod tests {
     /// Found by tests/fuzz (target redact): a base64 secret ending in `=` directly
     /// before a word character became a token glued to that word, which the re-scan no
     /// longer saw as a token; pass after pass took in more, and the export failed.
+    /// Found by tests/fuzz (target redact): a URL whose authority was no host name
+    /// (`https://bob=g%eth01:34:...+2.167.1.mx.qubes-os.org`) became its host whole and
+    /// stayed readable because it ended in an allowlisted domain, addresses and all. The
+    /// value also holds invalid UTF-8, which leaves as U+FFFD and is redacted as such.
+    #[test]
+    fn an_authority_that_is_no_host_is_not_kept_for_its_allowlisted_end() {
+        let rules = include_str!("../../docs/redaction-rules.example.toml");
+        let mut r = redactor(Profile::parse(rules).unwrap());
+        let input: &[u8] = include_bytes!("../../tests/fuzz/regressions/redact/leak-after-lossy");
+        let mut event = Event::new();
+        event.push("MESSAGE", &input[1..]);
+        let record = Record {
+            vm: "sd-app".into(),
+            stream: "journal".into(),
+            received_usec: 1,
+            seq: 1,
+            kind: RecordKind::Event,
+            event,
+        };
+        let out = r.redact_record(record);
+        let message = out.event.get("MESSAGE").expect("MESSAGE is allowlisted");
+        let text = std::str::from_utf8(message).expect("values leave as valid UTF-8");
+        assert!(text.contains('\u{fffd}'), "{text}");
+        let mut scratch = Vec::new();
+        assert_eq!(r.leak(message, false, &[], &mut scratch), None, "{text}");
+        assert!(!text.contains("2.167.1.15"), "{text}");
+    }
+
     #[test]
     fn a_token_is_never_glued_to_a_word() {
         let mut r = redactor(Profile::default());

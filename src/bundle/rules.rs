@@ -232,6 +232,12 @@ impl Profile {
 
     /// True if and only if `host` (lower case) is an allowlisted domain or under one.
     pub fn domain_allowed(&self, host: &[u8]) -> bool {
+        // Only a real host name: a URL's authority that is no host (`a=b%c:1:+10.0.0.1.
+        // example.org`) becomes its host whole, and must not stay readable for its end.
+        let name_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        if !host.iter().all(name_byte) {
+            return false;
+        }
         self.domains.iter().any(|d| {
             let d = d.as_bytes();
             host == d
@@ -307,6 +313,9 @@ mod tests {
         assert!(p.domain_allowed(b"www.qubes-os.org"));
         assert!(!p.domain_allowed(b"evilqubes-os.org"));
         assert!(!p.domain_allowed(b"qubes-os.org.evil.com"));
+        // An authority that is no host name is not allowlisted for how it ends.
+        assert!(!p.domain_allowed(b"bob=g%eth01:34:+2.167.1.mx.qubes-os.org"));
+        assert!(!p.domain_allowed(b"a b.qubes-os.org"));
     }
 
     #[test]

@@ -53,8 +53,8 @@ pub struct IngestContext {
     /// connection is closed at once, and a flood of silent or trickling peers cannot use
     /// up `max_connections` for the streams that did complete a handshake. By default,
     /// [`DEFAULT_MAX_HANDSHAKES`]. FIXME(per-VM handshakes): the pool is shared, so one
-    /// VM's silent calls can fill it and delay other VMs' new connections by up to the
-    /// handshake timeout; real qrexec holds a qube to about 10 to 25 concurrent calls,
+    /// VM's silent calls, or its rejected ones waiting out their penalty, can fill it and
+    /// delay other VMs' new connections by up to the handshake timeout; real qrexec holds a qube to about 10 to 25 concurrent calls,
     /// far below it, but counting each VM's handshakes from its descriptor would close
     /// this if a deployment ever allowed more.
     handshakes: Arc<Semaphore>,

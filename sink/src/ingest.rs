@@ -54,9 +54,10 @@ pub struct IngestContext {
     /// up `max_connections` for the streams that did complete a handshake. By default,
     /// [`DEFAULT_MAX_HANDSHAKES`]. FIXME(per-VM handshakes): the pool is shared, so one
     /// VM's silent calls, or its rejected ones waiting out their penalty, can fill it and
-    /// delay other VMs' new connections by up to the handshake timeout; real qrexec holds a qube to about 10 to 25 concurrent calls,
-    /// far below it, but counting each VM's handshakes from its descriptor would close
-    /// this if a deployment ever allowed more.
+    /// delay other VMs' new connections by up to the handshake timeout; real qrexec
+    /// holds a qube to about 10 to 25 concurrent calls, far below it, but counting each
+    /// VM's handshakes from its descriptor would close this if a deployment ever allowed
+    /// more.
     handshakes: Arc<Semaphore>,
     max_handshakes: usize,
     /// Replaces the idle timeout derived from the agent's heartbeat interval; only the

@@ -218,6 +218,15 @@ struct OwnMetrics {
     ticks: u64,
 }
 
+/// When [`Committer::commit`] also stores what waits for a later commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// Once it has waited [`ROLLUP_FLUSH_EVERY`], or with anything else to store.
+    Due,
+    /// Now: the committer's last commit, tried once.
+    Last,
+}
+
 /// Longest that telemetry-only rollup changes (gauges, heartbeats) and rejection counts
 /// wait for a commit of events before they are committed on their own; a crash loses at
 /// most this much of them.
@@ -319,10 +328,10 @@ impl Committer {
                 self.expire(&mut cycle);
             }
             self.record_refusals(&mut cycle);
-            self.commit(cycle, false);
+            self.commit(cycle, Flush::Due);
         }
         // What waited for a later commit must not wait for one that never comes.
-        self.commit(Cycle::default(), true);
+        self.commit(Cycle::default(), Flush::Last);
         tracing::debug!("committer finished: all ingest connections are gone");
     }
 
@@ -719,9 +728,10 @@ impl Committer {
         ))
     }
 
-    /// Stores the cycle; `flush` also stores what would otherwise wait for a later
-    /// commit (see [`Committer::unsaved_vms`]).
-    fn commit(&mut self, mut cycle: Cycle, flush: bool) {
+    /// Stores the cycle, and with it what waited for a later commit (see
+    /// [`Committer::unsaved_vms`]) when there is anything else to store, when it has
+    /// waited long enough, or at the last commit.
+    fn commit(&mut self, mut cycle: Cycle, flush: Flush) {
         // Encode one batch per VM, trimming VMs over quota first so the new batch fits.
         let mut set = CommitSet::default();
         let mut published = Vec::new();
@@ -765,7 +775,8 @@ impl Committer {
         // Event counts are never held back: they are in the cycle that stores the events.
         let dirty = self.rollups.has_dirty() || !self.unsaved_vms.is_empty();
         if only_rollups
-            && (!dirty || (!flush && self.rollups_written.elapsed() < ROLLUP_FLUSH_EVERY))
+            && (!dirty
+                || (flush == Flush::Due && self.rollups_written.elapsed() < ROLLUP_FLUSH_EVERY))
         {
             let unsaved: Vec<_> = (self.unsaved_vms.iter())
                 .map(|vm| (vm.clone(), self.vms.get(vm).cloned().unwrap_or_default()))
@@ -807,6 +818,12 @@ impl Committer {
         let mut failures = 0u32;
         while let Err(error) = self.store.commit(&set) {
             failures += 1;
+            // The last commit holds counters only, nothing a peer waits to see acked:
+            // on a full disk it must not keep qlogd from exiting.
+            if flush == Flush::Last {
+                log_events::commit_failed(&error, failures);
+                return;
+            }
             if error.needs_reopen() {
                 // sled fails every call after a failed write until it is reopened, and
                 // queries hold it open; exiting unacked lets systemd restart us on a

@@ -433,6 +433,29 @@ impl Redactor {
             }
         }
 
+        // An IPv6 finding inside a longer run of hex digits and colons (`b::b:E::b::`,
+        // no address as a whole) takes the run: otherwise each replacement leaves the
+        // piece before it standing alone as an address, and the re-scan peels the run
+        // one piece per pass until the passes run out. A single colon ending the run is
+        // punctuation (`fe80::1: up`) and stays out of it.
+        let hex_or_colon = |b: u8| b.is_ascii_hexdigit() || b == b':';
+        for (span, rule, _) in &mut findings {
+            if *rule != Rule::Builtin(Detector::Ipv6) {
+                continue;
+            }
+            let mut run = span.clone();
+            while run.start > 0 && hex_or_colon(value[run.start - 1]) {
+                run.start -= 1;
+            }
+            while run.end < value.len() && hex_or_colon(value[run.end]) {
+                run.end += 1;
+            }
+            if run.end > span.end && value[run.end - 1] == b':' && value[run.end - 2] != b':' {
+                run.end -= 1;
+            }
+            *span = run;
+        }
+
         // Merge: outer spans win, partial overlaps become one span over both.
         findings.sort_by(|a, b| {
             a.0.start.cmp(&b.0.start).then(b.0.end.cmp(&a.0.end)).then(a.1.cmp(&b.1))
@@ -1012,6 +1035,26 @@ mod tests {
         let mut scratch = Vec::new();
         assert_eq!(r.leak(out.event.get("MESSAGE").unwrap(), false, &[], &mut scratch), None);
         assert!(r.leak(b"a binary thing", false, &[], &mut scratch).is_some());
+    }
+
+    /// Found by tests/fuzz (target redact): a run of IPv6 pieces (`FE::b::b:E::b::`)
+    /// that is no address as a whole lost one piece per pass, each replacement leaving
+    /// the piece before it an address of its own, until the passes ran out.
+    #[test]
+    fn a_run_of_ipv6_pieces_is_replaced_whole_in_one_pass() {
+        let rules = include_str!("../../docs/redaction-rules.example.toml");
+        let vms = ["sd-app", "work", "dom0", "vault", "sys-net"];
+        let mut r = Redactor::new(Profile::parse(rules).unwrap(), &PseudonymKey::fixed(7), vms);
+        let mut scratch = Vec::new();
+        let input: &[u8] = include_bytes!("../../tests/fuzz/regressions/redact/ipv6-run");
+        let value = String::from_utf8_lossy(&input[1..]).into_owned();
+        let out = r.redact_value(value.as_bytes()).into_owned();
+        let shown = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(r.leak(&out, false, &[], &mut scratch), None, "{shown}");
+        let out = redact(&mut r, "x FE::b::b:E::b::FE::b::b:E::b::.on and fe80::1: up");
+        assert!(!out.contains("::"), "{out}");
+        assert!(out.ends_with(": up"), "{out}");
+        assert!(out.contains(&r.pseudonyms.token("ip", b"fe80::1")), "{out}");
     }
 
     /// Found by tests/fuzz (target redact): a finding right after a token an earlier

@@ -282,8 +282,11 @@ impl Redactor {
     /// `fe80::1es.in` no address ends before the `s`, but once the host name `1es.in` is a
     /// token, `fe80::` stands alone and is one. So the value is planned again as the leak
     /// scan sees it, tokens blanked, until nothing more is found; otherwise any VM could
-    /// make every export of its logs fail the leak check. Each pass only adds tokens, and
-    /// after [`MAX_PASSES`] the leak scan still fails closed.
+    /// make every export of its logs fail the leak check. Each pass only adds tokens. If
+    /// [`MAX_PASSES`] are not enough (a run of pieces that each replacement leaves
+    /// another one of), what is still found takes its whole run of non-blank bytes as
+    /// one token, which nothing next to it can complete; the leak scan still fails
+    /// closed after that.
     pub fn redact_value<'v>(&mut self, value: &'v [u8]) -> Cow<'v, [u8]> {
         let mut out = Cow::Borrowed(value);
         let mut planned = self.plan(value);
@@ -302,7 +305,35 @@ impl Redactor {
                 break;
             }
         }
+        if !planned.is_empty() {
+            let planned = self.plan_blank_to_blank(&scratch, &planned);
+            out = Cow::Owned(self.apply(&out, &planned));
+        }
         out
+    }
+
+    /// The last resort of [`Redactor::redact_value`]: each of `planned` grown to the
+    /// run of non-blank bytes around it in `value`, overlapping ones merged, each one
+    /// token of its rule.
+    fn plan_blank_to_blank(&self, value: &[u8], planned: &[Planned]) -> Vec<Planned> {
+        let mut spans: Vec<(Range<usize>, Rule)> = Vec::with_capacity(planned.len());
+        for p in planned {
+            let mut span = p.span.clone();
+            while span.start > 0 && !value[span.start - 1].is_ascii_whitespace() {
+                span.start -= 1;
+            }
+            while span.end < value.len() && !value[span.end].is_ascii_whitespace() {
+                span.end += 1;
+            }
+            match spans.last_mut() {
+                Some((last, _)) if span.start <= last.end => last.end = last.end.max(span.end),
+                _ => spans.push((span, p.rule)),
+            }
+        }
+        spans
+            .into_iter()
+            .map(|(span, rule)| self.plan_group(value, span, rule, None, true, &[]))
+            .collect()
     }
 
     /// Makes the planned replacements in `value`, counting what fired.
@@ -1035,6 +1066,29 @@ mod tests {
         let mut scratch = Vec::new();
         assert_eq!(r.leak(out.event.get("MESSAGE").unwrap(), false, &[], &mut scratch), None);
         assert!(r.leak(b"a binary thing", false, &[], &mut scratch).is_some());
+    }
+
+    #[test]
+    fn what_the_passes_cannot_settle_is_replaced_blank_to_blank() {
+        let mut r = redactor(Profile::default());
+        let mut scratch = Vec::new();
+        // The last resort, on what a pass found: whole runs of non-blank bytes go.
+        let value = b"keep x:10.0.0.1/y,alice@example.com! this\tand fe80::1 too";
+        let planned = r.plan(value);
+        assert_eq!(planned.len(), 3, "{planned:?}");
+        let wide = r.plan_blank_to_blank(value, &planned);
+        assert_eq!(wide.len(), 2, "{wide:?}");
+        let out = r.apply(value, &wide);
+        let shown = String::from_utf8_lossy(&out).into_owned();
+        let words: Vec<&str> = shown.split([' ', '\t']).collect();
+        assert_eq!(words.len(), 6, "{shown}");
+        assert_eq!(
+            (words[0], words[2], words[3], words[5]),
+            ("keep", "this", "and", "too"),
+            "{shown}"
+        );
+        assert!(words[1].starts_with("ip-") && words[4].starts_with("ip-"), "{shown}");
+        assert_eq!(r.leak(&out, false, &[], &mut scratch), None, "{shown}");
     }
 
     /// Found by tests/fuzz (target redact): a run of IPv6 pieces (`FE::b::b:E::b::`)

@@ -199,7 +199,7 @@ pub struct Committer {
     last_stamp: u64,
     rollups: RollupBook,
     /// When the store last took a commit, and with it every change that was waiting.
-    rollups_written: std::time::Instant,
+    last_commit: std::time::Instant,
     /// VMs whose counters changed without anything to store (a rejected connection):
     /// queries see the new counts at once, and the store gets them with the next commit,
     /// as it gets telemetry-only rollup changes. A VM opening garbage connections as fast
@@ -304,7 +304,7 @@ impl Committer {
             next_batch_id,
             last_stamp,
             rollups,
-            rollups_written: std::time::Instant::now(),
+            last_commit: std::time::Instant::now(),
             unsaved_vms: BTreeSet::new(),
             health,
             own,
@@ -775,10 +775,11 @@ impl Committer {
         // Event counts are never held back: they are in the cycle that stores the events.
         let dirty = self.rollups.has_dirty() || !self.unsaved_vms.is_empty();
         if only_rollups
-            && (!dirty
-                || (flush == Flush::Due && self.rollups_written.elapsed() < ROLLUP_FLUSH_EVERY))
+            && (!dirty || (flush == Flush::Due && self.last_commit.elapsed() < ROLLUP_FLUSH_EVERY))
         {
-            let unsaved: Vec<_> = (self.unsaved_vms.iter())
+            let unsaved: Vec<_> = self
+                .unsaved_vms
+                .iter()
                 .map(|vm| (vm.clone(), self.vms.get(vm).cloned().unwrap_or_default()))
                 .collect();
             self.shared.publish(
@@ -796,7 +797,7 @@ impl Committer {
         }
         set.aux = self.rollups.take_dirty();
         set.aux_deletes = std::mem::take(&mut cycle.aux_deletes);
-        self.rollups_written = std::time::Instant::now();
+        self.last_commit = std::time::Instant::now();
 
         for key in &cycle.touched_streams {
             let mem = self.streams.get(key).expect("touched streams are registered");

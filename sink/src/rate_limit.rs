@@ -238,16 +238,16 @@ pub struct Rejections {
 impl Rejections {
     /// Counts a rejected connection of `vm`; how long its reply must wait, if at all.
     pub fn penalty(&self, vm: &str, now: Instant) -> Option<Duration> {
+        // What is left of a budget at `now`, refilled since `at`, above the burst if full.
+        let refilled = |left: f64, at: Instant| {
+            left + now.saturating_duration_since(at).as_secs_f64() * REJECTIONS_PER_SEC
+        };
         let mut table = self.table.lock().expect("rejection table lock is never poisoned");
         if table.len() >= MAX_REJECTING_VMS && !table.contains_key(vm) {
-            table.retain(|_, (left, at)| {
-                let refill = now.saturating_duration_since(*at).as_secs_f64() * REJECTIONS_PER_SEC;
-                *left + refill < REJECTION_BURST
-            });
+            table.retain(|_, (left, at)| refilled(*left, *at) < REJECTION_BURST);
         }
         let (left, at) = table.entry(vm.to_owned()).or_insert((REJECTION_BURST, now));
-        let refill = now.saturating_duration_since(*at).as_secs_f64() * REJECTIONS_PER_SEC;
-        *left = (*left + refill).min(REJECTION_BURST);
+        *left = refilled(*left, *at).min(REJECTION_BURST);
         *at = (*at).max(now);
         if *left >= 1.0 {
             *left -= 1.0;

@@ -17,9 +17,8 @@
 //! leak. Since no detector matches across a newline, files are scanned line by line.
 //!
 //! A token is only a token between word boundaries (so that `ip-0123456789abc` in a
-//! VM's own text is not taken for one and left alone), so a replacement never leaves a
-//! token glued to a word character: a finding that starts or ends inside a word is
-//! widened to the whole word.
+//! VM's own text is not taken for one and left alone), so no replacement is left glued
+//! to a word character: one that would be grows to the whole word.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -238,11 +237,10 @@ impl Redactor {
     /// The record as it may leave: allowlisted fields only, every value valid UTF-8 and
     /// redacted, the VM by its token. Valid UTF-8 because a JSON byte array, journalctl's
     /// way with such values, would hide the text from readers and from the leak scan.
-    /// Invalid UTF-8 becomes U+FFFD *before* redaction,
-    /// so that the rules see the very bytes a bundle holds: a rule that stops at an
-    /// invalid byte may run on over the replacement character, and the leak scan reads
-    /// the written file. Takes the record so that what needs no change moves instead of
-    /// being copied.
+    /// Invalid UTF-8 becomes U+FFFD *before* redaction, so that the rules see the very
+    /// bytes a bundle holds: a rule that stops at an invalid byte may run on over the
+    /// replacement character, and the leak scan reads the written file. Takes the record
+    /// so that what needs no change moves instead of being copied.
     pub fn redact_record(&mut self, r: Record) -> Record {
         let vm = self.vm_token(&r.vm);
         let stream = match self.redact_value(r.stream.as_bytes()) {
@@ -318,13 +316,7 @@ impl Redactor {
     fn plan_blank_to_blank(&self, value: &[u8], planned: &[Planned]) -> Vec<Planned> {
         let mut spans: Vec<(Range<usize>, Rule)> = Vec::with_capacity(planned.len());
         for p in planned {
-            let mut span = p.span.clone();
-            while span.start > 0 && !value[span.start - 1].is_ascii_whitespace() {
-                span.start -= 1;
-            }
-            while span.end < value.len() && !value[span.end].is_ascii_whitespace() {
-                span.end += 1;
-            }
+            let span = grow(p.span.clone(), value, |b| !b.is_ascii_whitespace());
             match spans.last_mut() {
                 Some((last, _)) if span.start <= last.end => last.end = last.end.max(span.end),
                 _ => spans.push((span, p.rule)),
@@ -474,13 +466,7 @@ impl Redactor {
             if *rule != Rule::Builtin(Detector::Ipv6) {
                 continue;
             }
-            let mut run = span.clone();
-            while run.start > 0 && hex_or_colon(value[run.start - 1]) {
-                run.start -= 1;
-            }
-            while run.end < value.len() && hex_or_colon(value[run.end]) {
-                run.end += 1;
-            }
+            let mut run = grow(span.clone(), value, hex_or_colon);
             if run.end > span.end && value[run.end - 1] == b':' && value[run.end - 2] != b':' {
                 run.end -= 1;
             }
@@ -532,13 +518,7 @@ impl Redactor {
                     let span = last.span.start..last.span.end.max(p.span.end);
                     p = self.plan_group(value, span, last.rule, None, true, &findings);
                 } else if glued(&p) {
-                    let mut span = p.span.clone();
-                    while span.start > 0 && word(written[span.start - 1]) {
-                        span.start -= 1;
-                    }
-                    while span.end < written.len() && word(written[span.end]) {
-                        span.end += 1;
-                    }
+                    let span = grow(p.span.clone(), written, word);
                     p = self.plan_group(value, span, p.rule, None, true, &findings);
                 } else {
                     break;
@@ -783,6 +763,17 @@ fn canonical_host(text: &[u8]) -> Vec<u8> {
 }
 
 /// One spelling per address; a zone (`%eth0`) stays part of it.
+/// `span` grown both ways over the bytes of `text` that `take` accepts.
+fn grow(mut span: Range<usize>, text: &[u8], take: impl Fn(u8) -> bool) -> Range<usize> {
+    while span.start > 0 && take(text[span.start - 1]) {
+        span.start -= 1;
+    }
+    while span.end < text.len() && take(text[span.end]) {
+        span.end += 1;
+    }
+    span
+}
+
 fn canonical_ip(text: &[u8]) -> Vec<u8> {
     let (addr, zone) = match text.iter().position(|&b| b == b'%') {
         Some(p) => (&text[..p], &text[p..]),
@@ -1091,20 +1082,29 @@ mod tests {
         assert_eq!(r.leak(&out, false, &[], &mut scratch), None, "{shown}");
     }
 
+    /// Redacts a redact fuzz target input (its knob byte, then the value, made valid
+    /// UTF-8 as records are) with the target's rules file, key and VM names, so that the
+    /// tokens are the ones it saw, and checks that the leak scan finds nothing. Returns
+    /// the redactor and the redacted value.
+    fn replay_fuzz_input(input: &[u8]) -> (Redactor, String) {
+        assert_eq!(input[0] & 1, 1, "the knob of an input for the rules file's profile");
+        let rules = include_str!("../../docs/redaction-rules.example.toml");
+        let vms = ["sd-app", "work", "dom0", "vault", "sys-net"];
+        let mut r = Redactor::new(Profile::parse(rules).unwrap(), &PseudonymKey::fixed(7), vms);
+        let value = String::from_utf8_lossy(&input[1..]).into_owned();
+        let out = r.redact_value(value.as_bytes()).into_owned();
+        let shown = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(r.leak(&out, false, &[], &mut Vec::new()), None, "{shown}");
+        (r, shown)
+    }
+
     /// Found by tests/fuzz (target redact): a run of IPv6 pieces (`FE::b::b:E::b::`)
     /// that is no address as a whole lost one piece per pass, each replacement leaving
     /// the piece before it an address of its own, until the passes ran out.
     #[test]
     fn a_run_of_ipv6_pieces_is_replaced_whole_in_one_pass() {
-        let rules = include_str!("../../docs/redaction-rules.example.toml");
-        let vms = ["sd-app", "work", "dom0", "vault", "sys-net"];
-        let mut r = Redactor::new(Profile::parse(rules).unwrap(), &PseudonymKey::fixed(7), vms);
-        let mut scratch = Vec::new();
-        let input: &[u8] = include_bytes!("../../tests/fuzz/regressions/redact/ipv6-run");
-        let value = String::from_utf8_lossy(&input[1..]).into_owned();
-        let out = r.redact_value(value.as_bytes()).into_owned();
-        let shown = String::from_utf8_lossy(&out).into_owned();
-        assert_eq!(r.leak(&out, false, &[], &mut scratch), None, "{shown}");
+        let (mut r, _) =
+            replay_fuzz_input(include_bytes!("../../tests/fuzz/regressions/redact/ipv6-run"));
         let out = redact(&mut r, "x FE::b::b:E::b::FE::b::b:E::b::.on and fe80::1: up");
         assert!(!out.contains("::"), "{out}");
         assert!(out.ends_with(": up"), "{out}");
@@ -1117,15 +1117,8 @@ mod tests {
     /// VM names are the fuzz target's, so the tokens are the ones it saw.
     #[test]
     fn a_new_token_is_never_glued_to_an_earlier_one() {
-        let rules = include_str!("../../docs/redaction-rules.example.toml");
-        let vms = ["sd-app", "work", "dom0", "vault", "sys-net"];
-        let mut r = Redactor::new(Profile::parse(rules).unwrap(), &PseudonymKey::fixed(7), vms);
-        let mut scratch = Vec::new();
-        let input: &[u8] = include_bytes!("../../tests/fuzz/regressions/redact/token-after-token");
-        let value = String::from_utf8_lossy(&input[1..]).into_owned();
-        let out = r.redact_value(value.as_bytes()).into_owned();
-        let shown = String::from_utf8_lossy(&out).into_owned();
-        assert_eq!(r.leak(&out, false, &[], &mut scratch), None, "{shown}");
+        let input = include_bytes!("../../tests/fuzz/regressions/redact/token-after-token");
+        let (_, shown) = replay_fuzz_input(input);
         let glued = regex::Regex::new(r"[a-z]-[0-9a-f]{10}[0-9A-Za-z_]").unwrap();
         assert!(!glued.is_match(&shown), "{shown}");
     }

@@ -262,10 +262,12 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
+    #[inline]
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], EventError> {
         if self.remaining() < n {
             return Err(EventError::Truncated { offset: self.pos, needed: n - self.remaining() });
@@ -275,14 +277,17 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    #[inline]
     pub(crate) fn u8(&mut self) -> Result<u8, EventError> {
         Ok(self.bytes(1)?[0])
     }
 
+    #[inline]
     pub(crate) fn u32(&mut self) -> Result<u32, EventError> {
         Ok(u32::from_be_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
     }
 
+    #[inline]
     pub(crate) fn u64(&mut self) -> Result<u64, EventError> {
         Ok(u64::from_be_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
     }

@@ -204,6 +204,8 @@ pub struct RecordView<'a> {
     /// The field block: count, then names and values.
     fields: &'a [u8],
     count: u32,
+    /// The first `MESSAGE` value, found while parsing: every `-g` search reads it.
+    message: Option<&'a [u8]>,
 }
 
 impl<'a> RecordView<'a> {
@@ -220,21 +222,37 @@ impl<'a> RecordView<'a> {
             .ok_or(EventError::Truncated { offset: kind_offset, needed: 0 })?;
         let fields_start = r.pos;
         let count = r.u32()?;
+        // The hot loop of every query: walk the field headers on the slice itself.
+        let mut rest = &buf[r.pos..];
+        let mut message = None;
         for _ in 0..count {
-            let name_len = r.u8()? as usize;
-            r.bytes(name_len)?;
-            let value_len = r.u32()? as usize;
-            r.bytes(value_len)?;
+            let truncated =
+                |rest: &[u8]| EventError::Truncated { offset: buf.len() - rest.len(), needed: 1 };
+            let (&name_len, tail) = rest.split_first().ok_or_else(|| truncated(rest))?;
+            let name_len = name_len as usize;
+            let Some(len_bytes) = tail.get(name_len..name_len + 4) else {
+                return Err(truncated(rest));
+            };
+            let value_len = u32::from_be_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+            let Some(next) = tail.get(name_len + 4 + value_len..) else {
+                return Err(truncated(rest));
+            };
+            if message.is_none() && &tail[..name_len] == b"MESSAGE" {
+                message = Some(&tail[name_len + 4..name_len + 4 + value_len]);
+            }
+            rest = next;
         }
+        let end = buf.len() - rest.len();
         Ok(RecordView {
             vm,
             stream,
             received_usec,
             seq,
             kind,
-            bytes: &buf[..r.pos],
-            fields: &buf[fields_start + 4..r.pos],
+            bytes: &buf[..end],
+            fields: &buf[fields_start + 4..end],
             count,
+            message,
         })
     }
 
@@ -252,37 +270,90 @@ impl<'a> RecordView<'a> {
 
     /// The fields in order, as (name, value).
     pub fn fields(&self) -> FieldIter<'a> {
-        FieldIter { buf: self.fields, left: self.count }
+        FieldIter { raw: self.raw_fields() }
+    }
+
+    /// The fields in order with their names as bytes: what filters compare, without a
+    /// UTF-8 check per name.
+    pub fn raw_fields(&self) -> RawFieldIter<'a> {
+        RawFieldIter { buf: self.fields, left: self.count }
     }
 
     /// The first value of `name`.
     pub fn get(&self, name: &str) -> Option<&'a [u8]> {
-        self.fields().find(|(n, _)| *n == name).map(|(_, v)| v)
+        if name == crate::fields::MESSAGE {
+            return self.message;
+        }
+        let name = name.as_bytes();
+        self.raw_fields().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// The first value of `name` if it is valid UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&'a str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Checks every field name against journald's rules, as [`Record::decode`] does:
+    /// a reader that prints names (the export format writes them raw) checks them once.
+    pub fn validate_names(&self, max_len: u32) -> Result<(), crate::event::FieldNameError> {
+        self.raw_fields().try_for_each(|(name, _)| crate::event::validate_field_name(name, max_len))
+    }
+
+    /// The owned form, for a reader that changes records (redaction).
+    pub fn to_record(&self) -> Record {
+        let mut event = Event::new();
+        for (name, value) in self.fields() {
+            event.push(name, value);
+        }
+        Record {
+            vm: self.vm.to_owned(),
+            stream: self.stream.to_owned(),
+            received_usec: self.received_usec,
+            seq: self.seq,
+            kind: self.kind,
+            event,
+        }
     }
 }
 
 /// Iterates a field block that [`RecordView::parse`] has already bounds-checked.
-pub struct FieldIter<'a> {
+pub struct RawFieldIter<'a> {
     buf: &'a [u8],
     left: u32,
 }
 
-impl<'a> Iterator for FieldIter<'a> {
-    type Item = (&'a str, &'a [u8]);
+impl<'a> Iterator for RawFieldIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.left == 0 {
             return None;
         }
         self.left -= 1;
         let name_len = self.buf[0] as usize;
-        let name = std::str::from_utf8(&self.buf[1..1 + name_len]).unwrap_or("");
+        let name = &self.buf[1..1 + name_len];
         let at = 1 + name_len;
         let value_len =
             u32::from_be_bytes(self.buf[at..at + 4].try_into().expect("checked by parse")) as usize;
         let value = &self.buf[at + 4..at + 4 + value_len];
         self.buf = &self.buf[at + 4 + value_len..];
         Some((name, value))
+    }
+}
+
+/// [`RawFieldIter`] with names as text; a name that is not UTF-8 (which the ingest rules
+/// exclude) reads as empty.
+pub struct FieldIter<'a> {
+    raw: RawFieldIter<'a>,
+}
+
+impl<'a> Iterator for FieldIter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (name, value) = self.raw.next()?;
+        Some((std::str::from_utf8(name).unwrap_or(""), value))
     }
 }
 

@@ -96,8 +96,9 @@ impl CompiledFilter {
             return false;
         }
         if !self.identifiers.is_empty() {
-            let hit = r.fields().any(|(name, value)| {
-                name == fields::SYSLOG_IDENTIFIER && self.identifiers.iter().any(|i| i == value)
+            let hit = r.raw_fields().any(|(name, value)| {
+                name == fields::SYSLOG_IDENTIFIER.as_bytes()
+                    && self.identifiers.iter().any(|i| i == value)
             });
             if !hit {
                 return false;
@@ -112,7 +113,9 @@ impl CompiledFilter {
             let hit = match name.as_str() {
                 fields::QLOG_VM => wanted.iter().any(|w| w == r.vm.as_bytes()),
                 fields::QLOG_STREAM => wanted.iter().any(|w| w == r.stream.as_bytes()),
-                _ => r.fields().any(|(n, v)| n == name && wanted.iter().any(|w| w == v)),
+                _ => r
+                    .raw_fields()
+                    .any(|(n, v)| n == name.as_bytes() && wanted.iter().any(|w| w == v)),
             };
             if !hit {
                 return false;
@@ -126,13 +129,13 @@ impl CompiledFilter {
     /// `OBJECT_SYSTEMD_UNIT` or, on a coredump entry, `COREDUMP_UNIT`; from anyone else
     /// these fields are ignored, as journalctl ignores them.
     fn unit_matches(&self, r: &RecordView<'_>) -> bool {
-        let is = |name: &str, value: &[u8]| r.fields().any(|(n, v)| n == name && v == value);
-        r.fields().any(|(name, value)| {
+        let is = |name: &[u8], value: &[u8]| r.raw_fields().any(|(n, v)| n == name && v == value);
+        r.raw_fields().any(|(name, value)| {
             let trusted = match name {
-                "_SYSTEMD_UNIT" => true,
-                "UNIT" => is("_PID", b"1"),
-                "OBJECT_SYSTEMD_UNIT" => is("_UID", b"0"),
-                "COREDUMP_UNIT" => is("_UID", b"0") && is("MESSAGE_ID", COREDUMP_MESSAGE_ID),
+                b"_SYSTEMD_UNIT" => true,
+                b"UNIT" => is(b"_PID", b"1"),
+                b"OBJECT_SYSTEMD_UNIT" => is(b"_UID", b"0"),
+                b"COREDUMP_UNIT" => is(b"_UID", b"0") && is(b"MESSAGE_ID", COREDUMP_MESSAGE_ID),
                 _ => false,
             };
             trusted && self.units.iter().any(|u| u.matches(value))

@@ -2,7 +2,12 @@
 //!
 //! A query reads the store on a blocking thread, merging the requested VMs' batches by
 //! (receive time, VM, sequence), and streams `Record` frames back through a small bounded
-//! channel, so a client that reads slowly holds a few frames, not the result set. A
+//! channel, so a client that reads slowly holds a few frames, not the result set.
+//! Inflating and filtering batches is most of a query's work, so it is spread over a
+//! pool of decode workers, one per core (scoped threads of the query): each VM's cursor
+//! queues its next batches to the pool, enough for all cursors together to keep every
+//! worker busy, and takes the results back in scan order, so the merge sees exactly
+//! what one thread would have produced. A
 //! follower subscribes to the committer's live feed *before* reading history and skips
 //! cycles its history already covered, so nothing falls between the two. Ingest never
 //! waits for a follower: a follower that cannot keep up is told how much it missed.
@@ -273,7 +278,9 @@ async fn run_events(
     let history_filter = Arc::clone(&filter);
     let (limit, reverse) = (q.limit, q.reverse);
     let producer = tokio::task::spawn_blocking(move || {
-        history(&store, &vms, &history_filter, limit, reverse, watermark, &tx)
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let walk = Walk { store: &store, filter: &history_filter, watermark, reverse };
+        history(walk, &vms, limit, workers, &tx)
     });
     while let Some(chunk) = rx.recv().await {
         let chunk = chunk.map_err(|m| (ErrorCode::Internal, m))?;
@@ -291,56 +298,104 @@ async fn run_events(
     Ok(())
 }
 
-/// Streams the stored matches; returns how many there were.
+/// Streams the stored matches, decoded by a pool of `workers` threads (none: this thread
+/// decodes); returns how many there were.
 fn history(
-    store: &Store,
+    walk: Walk<'_>,
     vms: &[String],
-    filter: &CompiledFilter,
     limit: Option<u64>,
-    reverse: bool,
-    watermark: u64,
+    workers: usize,
     tx: &mpsc::Sender<Result<Vec<u8>, String>>,
 ) -> u64 {
     let mut out = FrameSink { tx, buf: Vec::with_capacity(SEND_CHUNK), open: true };
     let mut matched = 0u64;
-    match limit {
-        // The last N matches: walk backwards until N are found, then send them in the
-        // requested order.
-        Some(n) => {
-            let mut merge = Merge::new(store, vms, filter, true, watermark);
-            let mut found = Vec::new();
-            while (found.len() as u64) < n {
-                match merge.next() {
-                    Some(Ok(r)) => found.push(r),
-                    Some(Err(e)) => return out.fail(e),
-                    None => break,
+    let reverse = walk.reverse;
+    let walk = if limit.is_some() { walk.backwards() } else { walk };
+    // The workers borrow the store and filter; the scope joins them. They stop once every
+    // sender of jobs is gone: the cursors' go with the merge, the pool's own right here.
+    std::thread::scope(|scope| {
+        let pool = Pool::start(scope, walk, workers);
+        let mut merge = Merge::new(walk, vms, pool.as_ref());
+        drop(pool);
+        match limit {
+            // The last N matches: walk backwards until N are found, then send them in
+            // the requested order.
+            Some(n) => {
+                let mut found: Vec<Vec<u8>> = Vec::new();
+                while (found.len() as u64) < n {
+                    match merge.next_match(|bytes| found.push(bytes.to_vec())) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => return out.fail(e),
+                    }
+                }
+                drop(merge);
+                if !reverse {
+                    found.reverse();
+                }
+                for r in &found {
+                    matched += 1;
+                    out.record(r);
                 }
             }
-            if !reverse {
-                found.reverse();
-            }
-            for r in &found {
-                matched += 1;
-                out.record(r);
-            }
-        }
-        None => {
-            for r in Merge::new(store, vms, filter, reverse, watermark) {
-                match r {
-                    Ok(r) => {
-                        matched += 1;
-                        out.record(&r);
-                        if !out.open {
-                            break;
-                        }
-                    }
+            None => loop {
+                match merge.next_match(|bytes| out.record(bytes)) {
+                    Ok(true) => matched += 1,
+                    Ok(false) => break,
                     Err(e) => return out.fail(e),
                 }
-            }
+                if !out.open {
+                    break;
+                }
+            },
         }
+        out.flush();
+        matched
+    })
+}
+
+/// One batch for the pool to decode, and where its result goes.
+struct Job<'a> {
+    vm: &'a str,
+    source: usize,
+    info: BatchInfo,
+    reply: std::sync::mpsc::Sender<BatchResult>,
+}
+
+/// The decode workers of one query, shared by all its VMs' cursors.
+struct Pool<'a> {
+    jobs: std::sync::mpsc::Sender<Job<'a>>,
+    workers: usize,
+}
+
+impl<'a> Pool<'a> {
+    /// `None` for no workers: the merge thread decodes.
+    fn start<'s>(
+        scope: &'s std::thread::Scope<'s, 'a>,
+        walk: Walk<'a>,
+        workers: usize,
+    ) -> Option<Pool<'a>> {
+        if workers == 0 {
+            return None;
+        }
+        let (jobs, queue) = std::sync::mpsc::channel::<Job<'a>>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for _ in 0..workers {
+            let queue = Arc::clone(&queue);
+            scope.spawn(move || loop {
+                // Holding the lock while waiting is fine: whoever holds it takes the next
+                // job, and every worker sees the queue close in turn.
+                let job = match queue.lock() {
+                    Ok(queue) => queue.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                // The cursor may have gone (the client hung up); nobody wants the result.
+                let _ = job.reply.send(walk.batch(job.vm, job.source, &job.info));
+            });
+        }
+        Some(Pool { jobs, workers })
     }
-    out.flush();
-    matched
 }
 
 struct FrameSink<'a> {
@@ -352,8 +407,8 @@ struct FrameSink<'a> {
 
 impl FrameSink<'_> {
     /// Sends one record as it is stored: records are already in their wire encoding.
-    fn record(&mut self, m: &Match) {
-        encode(FrameType::Record, &m.bytes, &mut self.buf);
+    fn record(&mut self, bytes: &[u8]) {
+        encode(FrameType::Record, bytes, &mut self.buf);
         if self.buf.len() >= SEND_CHUNK {
             self.flush();
         }
@@ -373,98 +428,178 @@ impl FrameSink<'_> {
     }
 }
 
-/// A record that matched, copied out of its batch. `key` orders the merge: receive
-/// time, then the VM's place in the sorted VM list (which is name order), then sequence.
-struct Match {
-    key: (u64, usize, u64),
-    bytes: Vec<u8>,
+/// How a query reads the store: which batches it may see, in which direction, and
+/// which records it keeps.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    store: &'a Store,
+    filter: &'a CompiledFilter,
+    /// Batches committed after it reach a follower live instead.
+    watermark: u64,
+    reverse: bool,
 }
 
-/// One VM's matching records in time order (or reverse), a batch at a time, filtered
-/// in place so only matches are copied.
+impl Walk<'_> {
+    fn backwards(self) -> Self {
+        Walk { reverse: true, ..self }
+    }
+
+    /// One batch's matching records, in visiting order, each parsed once. A batch past
+    /// the watermark, or trimmed since it was listed, has none.
+    fn batch(&self, vm: &str, source: usize, info: &BatchInfo) -> Result<Batch, StoreError> {
+        let mut batch = Batch::default();
+        if info.batch_id() > self.watermark {
+            return Ok(batch);
+        }
+        self.store.for_each_record(vm, info, |view| {
+            if self.filter.matches(&view) {
+                let start = batch.bytes.len();
+                batch.bytes.extend_from_slice(view.bytes);
+                let key = (view.received_usec, source, view.seq);
+                batch.items.push(Item { key, start, end: batch.bytes.len() });
+            }
+        })?;
+        if self.reverse {
+            batch.items.reverse();
+        }
+        Ok(batch)
+    }
+}
+
+/// The matches of one batch, copied out back to back: one allocation per batch.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    items: Vec<Item>,
+}
+
+/// A match in a [`Batch`]. `key` orders the merge: receive time, then the VM's place in
+/// the sorted VM list (which is name order), then sequence.
+#[derive(Clone, Copy)]
+struct Item {
+    key: (u64, usize, u64),
+    start: usize,
+    end: usize,
+}
+
+type BatchResult = Result<Batch, StoreError>;
+
+/// The pool's workers only return once every cursor has dropped its sender of jobs (a
+/// panic aborts the process), so a live cursor always reaches them.
+const WORKERS_OUTLIVE_CURSOR: &str = "decode workers outlive the cursor that feeds them";
+
+/// Where a VM's decoded batches come from.
+enum Feed<'a> {
+    /// The merge thread decodes each batch itself.
+    Inline,
+    /// The next batches of the scan are queued to the pool, up to `depth` of them, and
+    /// their results taken back in scan order.
+    Pool {
+        jobs: std::sync::mpsc::Sender<Job<'a>>,
+        pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
+        depth: usize,
+    },
+}
+
+/// One VM's matching records in time order (or reverse), a batch at a time.
 struct VmCursor<'a> {
-    store: &'a Store,
     vm: &'a str,
     source: usize,
     batches: Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + 'a>,
-    /// The current batch, decompressed, and where its records start and end, in the
-    /// order they are to be visited.
-    raw: Vec<u8>,
-    spans: Vec<(usize, usize)>,
+    feed: Feed<'a>,
+    current: Batch,
     next: usize,
-    filter: &'a CompiledFilter,
-    reverse: bool,
-    watermark: u64,
 }
 
-impl Iterator for VmCursor<'_> {
-    type Item = Result<Match, StoreError>;
+impl<'a> VmCursor<'a> {
+    /// `vms` is how many cursors share the pool: together they keep every worker busy.
+    fn new(
+        walk: Walk<'a>,
+        vm: &'a str,
+        source: usize,
+        pool: Option<&Pool<'a>>,
+        vms: usize,
+    ) -> VmCursor<'a> {
+        let filter = walk.filter;
+        let batches = walk.store.scan(vm, filter.since_usec, filter.until_usec, walk.reverse);
+        let feed = match pool {
+            None => Feed::Inline,
+            Some(pool) => Feed::Pool {
+                jobs: pool.jobs.clone(),
+                pending: Default::default(),
+                depth: pool.workers.div_ceil(vms.max(1)),
+            },
+        };
+        VmCursor { vm, source, batches, feed, current: Batch::default(), next: 0 }
+    }
 
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            while self.next < self.spans.len() {
-                let (start, end) = self.spans[self.next];
-                self.next += 1;
-                let bytes = &self.raw[start..end];
-                let view = RecordView::parse(bytes).expect("read_raw checked every record");
-                if self.filter.matches(&view) {
-                    let key = (view.received_usec, self.source, view.seq);
-                    return Some(Ok(Match { key, bytes: bytes.to_vec() }));
+    /// The next decoded batch in walking order; `None` at the end of the VM's range.
+    fn next_batch(&mut self, walk: &Walk<'_>) -> Option<BatchResult> {
+        match &mut self.feed {
+            Feed::Inline => match self.batches.next()? {
+                Ok(info) => Some(walk.batch(self.vm, self.source, &info)),
+                Err(e) => Some(Err(e)),
+            },
+            Feed::Pool { jobs, pending, depth } => {
+                while pending.len() < *depth {
+                    match self.batches.next() {
+                        Some(Ok(info)) => {
+                            let (reply, result) = std::sync::mpsc::channel();
+                            let job = Job { vm: self.vm, source: self.source, info, reply };
+                            jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
+                            pending.push_back(result);
+                        }
+                        Some(Err(e)) => return Some(Err(e)),
+                        None => break,
+                    }
                 }
+                let result = pending.pop_front()?;
+                Some(result.recv().expect(WORKERS_OUTLIVE_CURSOR))
             }
-            let info = match self.batches.next()? {
-                Ok(b) => b,
-                Err(e) => return Some(Err(e)),
-            };
-            // Batches committed after the follow watermark reach a follower live.
-            if info.batch_id() > self.watermark {
-                continue;
-            }
-            self.raw = match self.store.read_raw(self.vm, &info) {
-                Ok(Some(raw)) => raw,
-                // Trimmed by quota or retention since the scan listed it.
-                Ok(None) => continue,
-                Err(e) => return Some(Err(e)),
-            };
-            self.spans.clear();
-            let mut pos = 0;
-            while pos < self.raw.len() {
-                let len = RecordView::parse(&self.raw[pos..])
-                    .expect("read_raw checked every record")
-                    .bytes
-                    .len();
-                self.spans.push((pos, pos + len));
-                pos += len;
-            }
-            if self.reverse {
-                self.spans.reverse();
-            }
-            self.next = 0;
         }
+    }
+
+    /// Moves to the next match; false at the end of the VM's range.
+    fn advance(&mut self, walk: &Walk<'_>) -> Result<bool, StoreError> {
+        loop {
+            if self.next < self.current.items.len() {
+                return Ok(true);
+            }
+            match self.next_batch(walk) {
+                Some(batch) => {
+                    self.current = batch?;
+                    self.next = 0;
+                    if !self.current.items.is_empty() {
+                        return Ok(true);
+                    }
+                }
+                None => return Ok(false),
+            }
+        }
+    }
+
+    fn head(&self) -> Item {
+        self.current.items[self.next]
     }
 }
 
+/// Heap entry: a cursor's current match key. BinaryHeap pops the greatest, so forward
+/// merges invert the order to pop the oldest.
+#[derive(PartialEq, Eq)]
 struct Head {
-    m: Match,
+    key: (u64, usize, u64),
     source: usize,
     reverse: bool,
 }
 
-impl PartialEq for Head {
-    fn eq(&self, other: &Self) -> bool {
-        self.m.key == other.m.key
-    }
-}
-impl Eq for Head {}
 impl PartialOrd for Head {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 impl Ord for Head {
-    /// BinaryHeap pops the greatest: forward merges invert the order to pop the oldest.
     fn cmp(&self, other: &Self) -> Ordering {
-        let ord = self.m.key.cmp(&other.m.key);
+        let ord = self.key.cmp(&other.key);
         if self.reverse {
             ord
         } else {
@@ -474,66 +609,51 @@ impl Ord for Head {
 }
 
 struct Merge<'a> {
+    walk: Walk<'a>,
     cursors: Vec<VmCursor<'a>>,
     heap: BinaryHeap<Head>,
     primed: bool,
-    reverse: bool,
-    error: Option<StoreError>,
+    /// The cursor whose match was handed out last: it moves on before the next pick.
+    taken: Option<usize>,
 }
 
 impl<'a> Merge<'a> {
     /// `vms` must be sorted, so a VM's index orders as its name does.
-    fn new(
-        store: &'a Store,
-        vms: &'a [String],
-        filter: &'a CompiledFilter,
-        reverse: bool,
-        watermark: u64,
-    ) -> Merge<'a> {
+    fn new(walk: Walk<'a>, vms: &'a [String], pool: Option<&Pool<'a>>) -> Merge<'a> {
         let cursors = vms
             .iter()
             .enumerate()
-            .map(|(source, vm)| VmCursor {
-                store,
-                vm,
-                source,
-                batches: store.scan(vm, filter.since_usec, filter.until_usec, reverse),
-                raw: Vec::new(),
-                spans: Vec::new(),
-                next: 0,
-                filter,
-                reverse,
-                watermark,
-            })
+            .map(|(source, vm)| VmCursor::new(walk, vm, source, pool, vms.len()))
             .collect();
-        Merge { cursors, heap: BinaryHeap::new(), primed: false, reverse, error: None }
+        Merge { walk, cursors, heap: BinaryHeap::new(), primed: false, taken: None }
     }
 
-    fn pull(&mut self, source: usize) {
-        match self.cursors[source].next() {
-            Some(Ok(m)) => self.heap.push(Head { m, source, reverse: self.reverse }),
-            Some(Err(e)) => self.error = Some(e),
-            None => {}
+    fn push(&mut self, source: usize) -> Result<(), StoreError> {
+        if self.cursors[source].advance(&self.walk)? {
+            let key = self.cursors[source].head().key;
+            self.heap.push(Head { key, source, reverse: self.walk.reverse });
         }
+        Ok(())
     }
-}
 
-impl Iterator for Merge<'_> {
-    type Item = Result<Match, StoreError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    /// Hands the next match's stored bytes to `take`; false when every VM is done.
+    fn next_match(&mut self, take: impl FnOnce(&[u8])) -> Result<bool, StoreError> {
         if !self.primed {
             self.primed = true;
-            for i in 0..self.cursors.len() {
-                self.pull(i);
+            for source in 0..self.cursors.len() {
+                self.push(source)?;
             }
         }
-        if let Some(e) = self.error.take() {
-            return Some(Err(e));
+        if let Some(source) = self.taken.take() {
+            self.cursors[source].next += 1;
+            self.push(source)?;
         }
-        let head = self.heap.pop()?;
-        self.pull(head.source);
-        Some(Ok(head.m))
+        let Some(head) = self.heap.pop() else { return Ok(false) };
+        let cursor = &self.cursors[head.source];
+        let item = cursor.head();
+        take(&cursor.current.bytes[item.start..item.end]);
+        self.taken = Some(head.source);
+        Ok(true)
     }
 }
 
@@ -590,5 +710,117 @@ async fn follow(
         if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CommitSet, StoreWriter};
+    use qlog_rpc::query::{Filter, Record, RecordKind};
+    use qlog_rpc::Event;
+
+    /// A store of three VMs whose batches interleave in time, a few records each.
+    fn interleaved_store(dir: &std::path::Path) -> Store {
+        let store = Store::open(dir, 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        let mut batches = Vec::new();
+        for id in 1..=30u64 {
+            let vm = ["a", "b", "c"][(id % 3) as usize];
+            let records: Vec<Record> = (0..4)
+                .map(|i| {
+                    let mut event = Event::new();
+                    event.push("MESSAGE", format!("batch {id} record {i}"));
+                    event.push("PRIORITY", if i % 2 == 0 { "3" } else { "6" });
+                    Record {
+                        vm: vm.into(),
+                        stream: "s".into(),
+                        // Two VMs share some receive times: the merge breaks ties by VM.
+                        received_usec: 1_000 + (id / 2) * 10 + i,
+                        seq: id * 10 + i,
+                        kind: RecordKind::Event,
+                        event,
+                    }
+                })
+                .collect();
+            batches.push(Store::encode_batch(vm, id, &records));
+        }
+        w.commit(&CommitSet { batches, next_batch_id: 31, ..Default::default() }).unwrap();
+        store
+    }
+
+    /// What `history` sends, as (VM, seq) in order.
+    fn run(
+        store: &Store,
+        filter: &Filter,
+        limit: Option<u64>,
+        reverse: bool,
+        workers: usize,
+    ) -> Vec<(String, u64)> {
+        let filter = CompiledFilter::new(filter).unwrap();
+        let vms: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let (tx, mut rx) = mpsc::channel(8);
+        let walk = Walk { store, filter: &filter, watermark: u64::MAX, reverse };
+        let vms = &vms;
+        std::thread::scope(|s| {
+            // The producer owns the sender: the channel ends when history returns.
+            let producer = s.spawn(move || history(walk, vms, limit, workers, &tx));
+            let mut got = Vec::new();
+            let mut decoder = FrameDecoder::new(Limits::DEFAULT);
+            while let Some(chunk) = rx.blocking_recv() {
+                decoder.feed(&chunk.unwrap());
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    let view = RecordView::parse(&frame.payload).unwrap();
+                    got.push((view.vm.to_owned(), view.seq));
+                }
+            }
+            let matched = producer.join().unwrap();
+            assert_eq!(matched as usize, got.len());
+            got
+        })
+    }
+
+    #[test]
+    fn decode_workers_change_nothing_but_speed() {
+        let dir = std::env::temp_dir().join(format!("qlog-query-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = interleaved_store(&dir);
+        let err = Filter { priority: Some((0, 3)), ..Default::default() };
+        for filter in [Filter::default(), err] {
+            for (limit, reverse) in [(None, false), (None, true), (Some(5), false), (Some(7), true)]
+            {
+                let inline = run(&store, &filter, limit, reverse, 0);
+                let expected = match limit {
+                    None => 120 / if filter.priority.is_some() { 2 } else { 1 },
+                    Some(n) => n as usize,
+                };
+                assert_eq!(inline.len(), expected, "{filter:?} {limit:?} {reverse}");
+                // Merge order: receive time, then VM name, then sequence.
+                let key = |(vm, seq): &(String, u64)| {
+                    let received = 1_000 + (seq / 10 / 2) * 10 + seq % 10;
+                    (received, vm.clone(), *seq)
+                };
+                let mut sorted = inline.clone();
+                sorted.sort_by_key(key);
+                if reverse {
+                    sorted.reverse();
+                }
+                if limit.is_none() {
+                    assert_eq!(inline, sorted, "{filter:?} {reverse}");
+                }
+                for workers in [1, 2, 3] {
+                    let threaded = run(&store, &filter, limit, reverse, workers);
+                    assert_eq!(
+                        threaded, inline,
+                        "pool of {workers}, {filter:?} {limit:?} {reverse}"
+                    );
+                }
+            }
+        }
+        let forward = run(&store, &Filter::default(), None, false, 2);
+        let mut backward = run(&store, &Filter::default(), None, true, 2);
+        backward.reverse();
+        assert_eq!(forward, backward);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -301,7 +301,9 @@ fn events(
             Err(e) => return Err(e),
         };
         match reply {
-            Some(Reply::Record(r)) => printer.print(&r, &mut out).context("cannot write output")?,
+            Some(Reply::Record(r)) => {
+                printer.print(&r.view(), &mut out).context("cannot write output")?
+            }
             Some(Reply::Done) => {
                 out.flush().context("cannot write output")?;
                 if !follow {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use qlog_rpc::frame::{encode_to_vec, Frame, FrameDecoder, FrameType};
 use qlog_rpc::message::decode_json;
-use qlog_rpc::query::{Record, Request, StatsQuery, StatsReply, VmsReply};
+use qlog_rpc::query::{Record, RecordView, Request, StatsQuery, StatsReply, VmsReply};
 use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
 
 pub struct Client {
@@ -22,11 +22,40 @@ pub struct Client {
 
 /// What a query stream yields.
 pub enum Reply {
-    Record(Record),
+    Record(Received),
     /// The stored part is complete.
     Done,
     /// A follower missed this many events.
     Lagged(u64),
+}
+
+/// A record as qlogd sent it, kept in its encoding: printing reads it in place, so the
+/// CLI allocates nothing per field. Checked on arrival to be one whole record whose
+/// field names follow journald's rules, as [`Record::decode`] checks them.
+pub struct Received(Vec<u8>);
+
+impl Received {
+    fn check(payload: Vec<u8>) -> anyhow::Result<Received> {
+        let view = RecordView::parse(&payload).context("qlogd sent a malformed record")?;
+        if view.bytes.len() != payload.len() {
+            bail!(
+                "qlogd sent a malformed record: {} bytes after it",
+                payload.len() - view.bytes.len()
+            );
+        }
+        view.validate_names(Limits::DEFAULT.max_name_len)
+            .context("qlogd sent a record with a malformed field name")?;
+        Ok(Received(payload))
+    }
+
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView::parse(&self.0).expect("checked on arrival")
+    }
+
+    /// The owned form, for readers that change records.
+    pub fn to_record(&self) -> Record {
+        self.view().to_record()
+    }
 }
 
 /// An error frame from qlogd, kept typed so callers can react to the code.
@@ -83,13 +112,7 @@ impl Client {
     pub fn next_reply(&mut self) -> anyhow::Result<Option<Reply>> {
         let Some(frame) = self.next_frame()? else { return Ok(None) };
         match frame.ty {
-            FrameType::Record => {
-                let limits =
-                    Limits { max_fields: u32::MAX, max_value_len: u32::MAX, ..Limits::DEFAULT };
-                let (record, _) = Record::decode(&frame.payload, &limits)
-                    .context("qlogd sent a malformed record")?;
-                Ok(Some(Reply::Record(record)))
-            }
+            FrameType::Record => Ok(Some(Reply::Record(Received::check(frame.payload)?))),
             FrameType::Done => Ok(Some(Reply::Done)),
             FrameType::Lagged => {
                 let lagged: qlog_rpc::query::Lagged = decode_json(frame.ty, &frame.payload)?;

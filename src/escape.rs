@@ -7,6 +7,7 @@
 //! as it is; each invalid byte becomes `\xNN`. Values that are mostly not text are shown
 //! as `[N bytes of binary data]` instead.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 /// True if and only if `c` would change the terminal's state or the visual order of
@@ -39,6 +40,9 @@ fn push_escape(out: &mut String, c: char) {
 /// True if and only if the value is better shown as a size than as escaped text: it
 /// holds a NUL, or over a quarter of it is invalid UTF-8 or control bytes.
 pub fn is_binary(value: &[u8]) -> bool {
+    if plain(value, true) {
+        return false;
+    }
     if value.contains(&0) {
         return true;
     }
@@ -51,11 +55,20 @@ pub fn is_binary(value: &[u8]) -> bool {
 }
 
 /// Escapes a value for one line of output: newlines are escaped too.
-pub fn escape_line(value: &[u8]) -> String {
+pub fn escape_line(value: &[u8]) -> Cow<'_, str> {
     escape(value, false)
 }
 
-fn escape(value: &[u8], keep_newlines: bool) -> String {
+/// True if and only if every byte is printable ASCII (or a newline, if kept): nearly
+/// every log value, shown as it is without looking at characters.
+fn plain(value: &[u8], keep_newlines: bool) -> bool {
+    value.iter().all(|&b| (0x20..0x7f).contains(&b) || (keep_newlines && b == b'\n'))
+}
+
+fn escape(value: &[u8], keep_newlines: bool) -> Cow<'_, str> {
+    if plain(value, keep_newlines) {
+        return Cow::Borrowed(std::str::from_utf8(value).expect("printable ASCII is UTF-8"));
+    }
     let mut out = String::with_capacity(value.len());
     for chunk in value.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -71,13 +84,13 @@ fn escape(value: &[u8], keep_newlines: bool) -> String {
             let _ = write!(out, "\\x{b:02x}");
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// A value as text output shows it: escaped, or its size if it is binary.
-pub fn display_value(value: &[u8], keep_newlines: bool) -> String {
+pub fn display_value(value: &[u8], keep_newlines: bool) -> Cow<'_, str> {
     if is_binary(value) {
-        format!("[{} bytes of binary data]", value.len())
+        Cow::Owned(format!("[{} bytes of binary data]", value.len()))
     } else {
         escape(value, keep_newlines)
     }

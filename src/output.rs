@@ -9,12 +9,15 @@
 //! with what the sink knows (its `_HOSTNAME`, or a timestamp far from the receive time),
 //! the text formats say so next to the VM name.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::io::Write;
 
 use chrono::{DateTime, Local, TimeZone};
 use clap::ValueEnum;
 use qlog_rpc::fields;
-use qlog_rpc::query::{Record, RecordKind};
+use qlog_rpc::query::{Record, RecordKind, RecordView};
 use serde_json::{Map, Value};
 
 use crate::escape::{display_value, escape_line};
@@ -39,11 +42,12 @@ pub struct Printer {
 }
 
 impl Printer {
-    pub fn print(&self, r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+    /// Prints a record as qlogd sent it, read in place.
+    pub fn print(&self, r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<()> {
         match self.format {
             Format::Short | Format::ShortIso | Format::ShortPrecise => self.short(r, out),
             Format::Cat => {
-                let msg = r.event.get(fields::MESSAGE).unwrap_or_default();
+                let msg = r.get(fields::MESSAGE).unwrap_or_default();
                 let text = display_value(msg, true);
                 self.colored(priority(r), &text, out)?;
                 writeln!(out)
@@ -58,6 +62,15 @@ impl Printer {
             }
             Format::Export => export(r, out),
         }
+    }
+
+    /// Prints an owned record (one the bundle's redaction rewrote) exactly as
+    /// [`Printer::print`] prints the same record read in place.
+    pub fn print_record(&self, r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+        let mut bytes = Vec::with_capacity(1024);
+        r.encode(&mut bytes);
+        let view = RecordView::parse(&bytes).expect("an encoded record parses");
+        self.print(&view, out)
     }
 
     fn colored(&self, prio: Option<u8>, text: &str, out: &mut impl Write) -> std::io::Result<()> {
@@ -75,61 +88,67 @@ impl Printer {
         }
     }
 
-    fn short(&self, r: &Record, out: &mut impl Write) -> std::io::Result<()> {
-        let time = format_time(r.received_usec, self.format);
-        let mut head = format!("{time} {}", r.vm);
+    fn short(&self, r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<()> {
+        let mut head = format_time(r.received_usec, self.format);
+        head.push(' ');
+        head.push_str(r.vm);
         let claims = claims(r);
         if !claims.is_empty() {
             head.push_str(&format!(" [{}]", claims.join(", ")));
         }
         if r.kind != RecordKind::Event {
-            let msg = r.event.get(fields::MESSAGE).map(escape_line).unwrap_or_default();
+            let msg = r.get(fields::MESSAGE).map(escape_line).unwrap_or_default();
             write!(out, "{head} ")?;
             self.colored(Some(4), &format!("-- qlog: {msg} --"), out)?;
             return writeln!(out);
         }
         let ident = r
-            .event
             .get(fields::SYSLOG_IDENTIFIER)
-            .or_else(|| r.event.get("_COMM"))
-            .map_or_else(|| "unknown".to_owned(), escape_line);
-        let pid = r.event.get("_PID").or_else(|| r.event.get("SYSLOG_PID")).map(escape_line);
+            .or_else(|| r.get("_COMM"))
+            .map_or(Cow::Borrowed("unknown"), escape_line);
+        let pid = r.get("_PID").or_else(|| r.get("SYSLOG_PID")).map(escape_line);
         head.push(' ');
         head.push_str(&ident);
         if let Some(pid) = pid {
-            head.push_str(&format!("[{pid}]"));
+            head.push('[');
+            head.push_str(&pid);
+            head.push(']');
         }
         head.push_str(": ");
-        let msg = r.event.get(fields::MESSAGE).unwrap_or_default();
+        let msg = r.get(fields::MESSAGE).unwrap_or_default();
         let text = display_value(msg, true);
-        // Continuation lines line up under the first, as journalctl lays them out.
-        let indent = " ".repeat(head.chars().count());
-        let text = text.trim_end_matches('\n').replace('\n', &format!("\n{indent}"));
-        write!(out, "{head}")?;
-        self.colored(priority(r), &text, out)?;
-        writeln!(out)
+        let text = text.trim_end_matches('\n');
+        out.write_all(head.as_bytes())?;
+        if text.contains('\n') {
+            // Continuation lines line up under the first, as journalctl lays them out.
+            let indent = " ".repeat(head.chars().count());
+            let text = text.replace('\n', &format!("\n{indent}"));
+            self.colored(priority(r), &text, out)?;
+        } else {
+            self.colored(priority(r), text, out)?;
+        }
+        out.write_all(b"\n")
     }
 }
 
-fn priority(r: &Record) -> Option<u8> {
-    match r.event.get(fields::PRIORITY)? {
+fn priority(r: &RecordView<'_>) -> Option<u8> {
+    match r.get(fields::PRIORITY)? {
         [d @ b'0'..=b'7'] => Some(d - b'0'),
         _ => None,
     }
 }
 
 /// Where the VM's claims disagree with what the sink knows.
-fn claims(r: &Record) -> Vec<String> {
+fn claims(r: &RecordView<'_>) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(host) = r.event.get(fields::HOSTNAME) {
+    if let Some(host) = r.get(fields::HOSTNAME) {
         if host != r.vm.as_bytes() {
             out.push(format!("claims host \"{}\"", escape_line(host)));
         }
     }
     let claimed = r
-        .event
         .get_str(fields::SOURCE_REALTIME_TIMESTAMP)
-        .or_else(|| r.event.get_str(fields::REALTIME_TIMESTAMP))
+        .or_else(|| r.get_str(fields::REALTIME_TIMESTAMP))
         .and_then(|s| s.parse::<u64>().ok());
     if let Some(t) = claimed {
         if t.abs_diff(r.received_usec) > CLAIMED_TIME_SKEW_USEC {
@@ -140,12 +159,32 @@ fn claims(r: &Record) -> Vec<String> {
 }
 
 pub fn format_time(usec: u64, format: Format) -> String {
-    let Some(t) = DateTime::from_timestamp_micros(usec as i64) else { return usec.to_string() };
-    let t: DateTime<Local> = Local.from_utc_datetime(&t.naive_utc());
-    match format {
-        Format::ShortIso => t.format("%Y-%m-%dT%H:%M:%S%z").to_string(),
-        Format::ShortPrecise => t.format("%b %d %H:%M:%S%.6f").to_string(),
-        _ => t.format("%b %d %H:%M:%S").to_string(),
+    thread_local! {
+        /// The last second formatted: consecutive records nearly always share it, and
+        /// formatting a time (zone lookup, strftime) costs more than the rest of a line.
+        static LAST: RefCell<Option<(u64, Format, String)>> = const { RefCell::new(None) };
+    }
+    let secs = usec / 1_000_000;
+    let mut text = LAST.with_borrow_mut(|last| match last {
+        Some((s, f, text)) if *s == secs && *f == format => Some(text.clone()),
+        _ => {
+            let t = DateTime::from_timestamp(i64::try_from(secs).ok()?, 0)?;
+            let t: DateTime<Local> = Local.from_utc_datetime(&t.naive_utc());
+            let text = match format {
+                Format::ShortIso => t.format("%Y-%m-%dT%H:%M:%S%z").to_string(),
+                _ => t.format("%b %d %H:%M:%S").to_string(),
+            };
+            *last = Some((secs, format, text.clone()));
+            Some(text)
+        }
+    });
+    match (&mut text, format) {
+        (None, _) => usec.to_string(),
+        (Some(text), Format::ShortPrecise) => {
+            let _ = write!(text, ".{:06}", usec % 1_000_000);
+            std::mem::take(text)
+        }
+        (Some(text), _) => std::mem::take(text),
     }
 }
 
@@ -157,10 +196,10 @@ fn json_value(v: &[u8]) -> Value {
 }
 
 /// journalctl's JSON shape: one key per field, repeated fields as arrays of values.
-pub fn json(r: &Record) -> Value {
+pub fn json(r: &RecordView<'_>) -> Value {
     let mut map = Map::new();
-    map.insert(fields::QLOG_VM.into(), Value::String(r.vm.clone()));
-    map.insert(fields::QLOG_STREAM.into(), Value::String(r.stream.clone()));
+    map.insert(fields::QLOG_VM.into(), Value::String(r.vm.to_owned()));
+    map.insert(fields::QLOG_STREAM.into(), Value::String(r.stream.to_owned()));
     map.insert(fields::QLOG_SEQ.into(), Value::String(r.seq.to_string()));
     map.insert(fields::QLOG_RECEIVED_USEC.into(), Value::String(r.received_usec.to_string()));
     if r.kind != RecordKind::Event {
@@ -171,12 +210,12 @@ pub fn json(r: &Record) -> Value {
     // become an array, as journalctl prints them.
     let mut grouped: Vec<(&str, Vec<Value>)> = Vec::new();
     let mut index = std::collections::HashMap::new();
-    for f in &r.event.fields {
-        let slot = *index.entry(f.name.as_str()).or_insert_with(|| {
-            grouped.push((f.name.as_str(), Vec::new()));
+    for (name, value) in r.fields() {
+        let slot = *index.entry(name).or_insert_with(|| {
+            grouped.push((name, Vec::new()));
             grouped.len() - 1
         });
-        grouped[slot].1.push(json_value(&f.value));
+        grouped[slot].1.push(json_value(value));
     }
     for (name, mut values) in grouped {
         let v = if values.len() == 1 { values.remove(0) } else { Value::Array(values) };
@@ -208,50 +247,54 @@ fn write_json(value: &Value, pretty: bool, out: &mut impl Write) -> std::io::Res
 
 /// Writes the same JSON as `write_json(&json(r), false, ..)` without building a value
 /// first: `-o json` is how whole stores are dumped, so this is a hot path.
-fn write_json_line(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
-    let seq = r.seq.to_string();
-    let received = r.received_usec.to_string();
+fn write_json_line(r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<()> {
+    let mut seq = itoa::Buffer::new();
+    let mut received = itoa::Buffer::new();
     let kind = match r.kind {
         RecordKind::Event => None,
         RecordKind::Gap => Some("gap"),
         RecordKind::Notice => Some("notice"),
     };
-    // Keys in byte order, as serde_json's map writes them; a VM's fields cannot collide
-    // with the sink's, which the sink renamed on ingest.
-    let mut groups: Vec<(&str, Vec<&[u8]>)> = Vec::with_capacity(r.event.fields.len() + 5);
-    let mut index = std::collections::HashMap::with_capacity(r.event.fields.len());
-    for f in &r.event.fields {
-        let slot = *index.entry(f.name.as_str()).or_insert_with(|| {
-            groups.push((f.name.as_str(), Vec::new()));
-            groups.len() - 1
-        });
-        groups[slot].1.push(&f.value);
-    }
+    // Keys in byte order, as serde_json's map writes them. The sort is stable, so a
+    // repeated name's values stay in their order and end up side by side; a VM's fields
+    // cannot collide with the sink's, which the sink renamed on ingest.
+    // Sorted first by their first 16 bytes read as one number (zero-padded, so a prefix
+    // still sorts first): most names differ there, and this sort runs once per record.
+    let key = |name: &[u8]| {
+        let mut head = [0u8; 16];
+        let n = name.len().min(16);
+        head[..n].copy_from_slice(&name[..n]);
+        u128::from_be_bytes(head)
+    };
+    let mut entries: Vec<(u128, &[u8], &[u8])> = Vec::with_capacity(40);
+    entries.extend(r.raw_fields().map(|(name, value)| (key(name), name, value)));
     let trusted: [(&str, &[u8]); 4] = [
         (fields::QLOG_VM, r.vm.as_bytes()),
         (fields::QLOG_STREAM, r.stream.as_bytes()),
-        (fields::QLOG_SEQ, seq.as_bytes()),
-        (fields::QLOG_RECEIVED_USEC, received.as_bytes()),
+        (fields::QLOG_SEQ, seq.format(r.seq).as_bytes()),
+        (fields::QLOG_RECEIVED_USEC, received.format(r.received_usec).as_bytes()),
     ];
-    for (name, value) in trusted {
-        groups.push((name, vec![value]));
+    for (name, value) in trusted.into_iter().chain(kind.map(|k| ("_QLOG_KIND", k.as_bytes()))) {
+        entries.push((key(name.as_bytes()), name.as_bytes(), value));
     }
-    if let Some(kind) = kind {
-        groups.push(("_QLOG_KIND", vec![kind.as_bytes()]));
-    }
-    groups.sort_by(|a, b| a.0.cmp(b.0));
+    entries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
     out.write_all(b"{")?;
-    for (i, (name, values)) in groups.iter().enumerate() {
+    let mut i = 0;
+    while i < entries.len() {
+        let name = entries[i].1;
+        let same = entries[i..].iter().take_while(|(_, n, _)| *n == name).count();
         if i > 0 {
             out.write_all(b",")?;
         }
-        json_string(name, out)?;
-        out.write_all(b":")?;
-        if values.len() == 1 {
-            json_value_bytes(values[0], out)?;
+        // Names were checked against journald's rules ([A-Z0-9_]): nothing to escape.
+        out.write_all(b"\"")?;
+        out.write_all(name)?;
+        out.write_all(b"\":")?;
+        if same == 1 {
+            json_value_bytes(entries[i].2, out)?;
         } else {
             out.write_all(b"[")?;
-            for (j, v) in values.iter().enumerate() {
+            for (j, (_, _, v)) in entries[i..i + same].iter().enumerate() {
                 if j > 0 {
                     out.write_all(b",")?;
                 }
@@ -259,6 +302,7 @@ fn write_json_line(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
             }
             out.write_all(b"]")?;
         }
+        i += same;
     }
     out.write_all(b"}")
 }
@@ -280,32 +324,48 @@ fn json_value_bytes(v: &[u8], out: &mut impl Write) -> std::io::Result<()> {
     }
 }
 
-/// A JSON string with serde_json's escapes plus those of [`json_unsafe`].
+/// A JSON string with serde_json's escapes plus those of [`json_unsafe`]. Printable
+/// ASCII, nearly all of a log, is copied in runs without decoding characters.
 fn json_string(s: &str, out: &mut impl Write) -> std::io::Result<()> {
     out.write_all(b"\"")?;
-    let mut start = 0;
-    for (i, c) in s.char_indices() {
-        let escape: Option<&[u8]> = match c {
-            '"' => Some(b"\\\""),
-            '\\' => Some(b"\\\\"),
-            '\n' => Some(b"\\n"),
-            '\r' => Some(b"\\r"),
-            '\t' => Some(b"\\t"),
-            '\u{8}' => Some(b"\\b"),
-            '\u{c}' => Some(b"\\f"),
-            _ => None,
-        };
-        if escape.is_none() && (c as u32) >= 0x20 && !json_unsafe(c) {
+    let bytes = s.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+            i += 1;
             continue;
         }
-        out.write_all(&s.as_bytes()[start..i])?;
+        let (escape, len): (Option<&[u8]>, usize) = match b {
+            b'"' => (Some(b"\\\""), 1),
+            b'\\' => (Some(b"\\\\"), 1),
+            b'\n' => (Some(b"\\n"), 1),
+            b'\r' => (Some(b"\\r"), 1),
+            b'\t' => (Some(b"\\t"), 1),
+            0x08 => (Some(b"\\b"), 1),
+            0x0c => (Some(b"\\f"), 1),
+            0x80.. => {
+                let c = s[i..].chars().next().expect("i is on a char boundary");
+                if !json_unsafe(c) {
+                    i += c.len_utf8();
+                    continue;
+                }
+                (None, c.len_utf8())
+            }
+            _ => (None, 1),
+        };
+        out.write_all(&bytes[start..i])?;
         match escape {
             Some(e) => out.write_all(e)?,
-            None => write!(out, "\\u{:04x}", c as u32)?,
+            None => {
+                let c = s[i..].chars().next().expect("i is on a char boundary");
+                write!(out, "\\u{:04x}", c as u32)?
+            }
         }
-        start = i + c.len_utf8();
+        i += len;
+        start = i;
     }
-    out.write_all(&s.as_bytes()[start..])?;
+    out.write_all(&bytes[start..])?;
     out.write_all(b"\"")
 }
 
@@ -396,7 +456,7 @@ fn derived_boot_id(vm: &str, stream: &str) -> String {
 /// values of these, and any `__MONOTONIC_TIMESTAMP` or `_BOOT_ID` that journal-remote
 /// could not parse (it stops reading its whole input at one), are kept under
 /// `QLOG_CLAIMED_*` names.
-pub fn export(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
+pub fn export(r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<()> {
     let field = |out: &mut dyn Write, name: &str, value: &[u8]| -> std::io::Result<()> {
         if value.contains(&b'\n') {
             out.write_all(name.as_bytes())?;
@@ -413,32 +473,30 @@ pub fn export(r: &Record, out: &mut impl Write) -> std::io::Result<()> {
     };
     let received = r.received_usec.to_string();
     field(out, fields::REALTIME_TIMESTAMP, received.as_bytes())?;
-    let monotonic = r.event.get(fields::MONOTONIC_TIMESTAMP).filter(|v| {
+    let monotonic = r.get(fields::MONOTONIC_TIMESTAMP).filter(|v| {
         std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).is_some_and(|n| n < 1 << 63)
     });
     field(out, fields::MONOTONIC_TIMESTAMP, monotonic.unwrap_or(b"0"))?;
-    let boot_id = r.event.get(fields::BOOT_ID).filter(|v| valid_boot_id(v));
+    let boot_id = r.get(fields::BOOT_ID).filter(|v| valid_boot_id(v));
     match boot_id {
         Some(id) => field(out, fields::BOOT_ID, id)?,
-        None => field(out, fields::BOOT_ID, derived_boot_id(&r.vm, &r.stream).as_bytes())?,
+        None => field(out, fields::BOOT_ID, derived_boot_id(r.vm, r.stream).as_bytes())?,
     }
     field(out, fields::HOSTNAME, r.vm.as_bytes())?;
     field(out, fields::QLOG_VM, r.vm.as_bytes())?;
     field(out, fields::QLOG_STREAM, r.stream.as_bytes())?;
     field(out, fields::QLOG_SEQ, r.seq.to_string().as_bytes())?;
     field(out, fields::QLOG_RECEIVED_USEC, received.as_bytes())?;
-    for f in &r.event.fields {
-        match f.name.as_str() {
-            fields::REALTIME_TIMESTAMP => field(out, "QLOG_CLAIMED_REALTIME_TIMESTAMP", &f.value)?,
+    for (name, value) in r.fields() {
+        match name {
+            fields::REALTIME_TIMESTAMP => field(out, "QLOG_CLAIMED_REALTIME_TIMESTAMP", value)?,
             fields::MONOTONIC_TIMESTAMP if monotonic.is_some() => {}
-            fields::MONOTONIC_TIMESTAMP => {
-                field(out, "QLOG_CLAIMED_MONOTONIC_TIMESTAMP", &f.value)?
-            }
+            fields::MONOTONIC_TIMESTAMP => field(out, "QLOG_CLAIMED_MONOTONIC_TIMESTAMP", value)?,
             fields::BOOT_ID if boot_id.is_some() => {}
-            fields::BOOT_ID => field(out, "QLOG_CLAIMED_BOOT_ID", &f.value)?,
+            fields::BOOT_ID => field(out, "QLOG_CLAIMED_BOOT_ID", value)?,
             fields::CURSOR => {}
-            fields::HOSTNAME => field(out, "QLOG_CLAIMED_HOSTNAME", &f.value)?,
-            name => field(out, name, &f.value)?,
+            fields::HOSTNAME => field(out, "QLOG_CLAIMED_HOSTNAME", value)?,
+            name => field(out, name, value)?,
         }
     }
     out.write_all(b"\n")
@@ -464,9 +522,16 @@ mod tests {
         }
     }
 
+    /// The record as qlogd sends it; read it with `RecordView::parse`.
+    fn wire(r: &Record) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        r.encode(&mut bytes);
+        bytes
+    }
+
     fn render(format: Format, r: &Record) -> String {
         let mut out = Vec::new();
-        Printer { format, color: false }.print(r, &mut out).unwrap();
+        Printer { format, color: false }.print_record(r, &mut out).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -514,17 +579,17 @@ mod tests {
             rec(&[("BIN", &[0, 255, 10][..]), ("BIN", b"text"), ("A", b""), ("Z", b"z")]),
         ];
         for r in samples {
-            let mut direct = Vec::new();
+            let (bytes, mut direct, mut via) = (wire(&r), Vec::new(), Vec::new());
+            let r = RecordView::parse(&bytes).unwrap();
             write_json_line(&r, &mut direct).unwrap();
-            let mut via = Vec::new();
             write_json(&json(&r), false, &mut via).unwrap();
             assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via).unwrap());
         }
         let mut gap = rec(&[("MESSAGE", b"gap")]);
         gap.kind = RecordKind::Gap;
-        let mut direct = Vec::new();
+        let (bytes, mut direct, mut via) = (wire(&gap), Vec::new(), Vec::new());
+        let gap = RecordView::parse(&bytes).unwrap();
         write_json_line(&gap, &mut direct).unwrap();
-        let mut via = Vec::new();
         write_json(&json(&gap), false, &mut via).unwrap();
         assert_eq!(direct, via);
     }
@@ -536,8 +601,8 @@ mod tests {
             ("_BOOT_ID", b"not-a-boot-id"),
             ("MESSAGE", b"m"),
         ]);
-        let mut out = Vec::new();
-        export(&r, &mut out).unwrap();
+        let (bytes, mut out) = (wire(&r), Vec::new());
+        export(&RecordView::parse(&bytes).unwrap(), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("__MONOTONIC_TIMESTAMP=0\n"), "{text}");
         assert!(
@@ -551,8 +616,8 @@ mod tests {
     #[test]
     fn export_uses_binary_framing_for_multiline_values() {
         let r = rec(&[("MESSAGE", b"one\ntwo"), ("PRIORITY", b"3")]);
-        let mut out = Vec::new();
-        export(&r, &mut out).unwrap();
+        let (bytes, mut out) = (wire(&r), Vec::new());
+        export(&RecordView::parse(&bytes).unwrap(), &mut out).unwrap();
         let needle = [b"MESSAGE\n".as_slice(), &7u64.to_le_bytes(), b"one\ntwo\n"].concat();
         assert!(out.windows(needle.len()).any(|w| w == needle.as_slice()));
         assert!(out.ends_with(b"PRIORITY=3\n\n"));

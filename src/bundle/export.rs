@@ -149,7 +149,7 @@ fn read_records(
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let record = match client.next_reply() {
-            Ok(Some(Reply::Record(r))) => r,
+            Ok(Some(Reply::Record(r))) => r.to_record(),
             Ok(Some(Reply::Done)) => break,
             Ok(Some(Reply::Lagged(_))) => continue,
             Ok(None) => {
@@ -202,7 +202,7 @@ fn send_balanced(
 /// Exactly what `qlog query -o json` prints for the record.
 fn encode_json(record: &Record) -> anyhow::Result<Vec<u8>> {
     let mut json = Vec::with_capacity(1024);
-    JSON.print(record, &mut json).context("cannot encode a record")?;
+    JSON.print_record(record, &mut json).context("cannot encode a record")?;
     Ok(json)
 }
 
@@ -256,7 +256,7 @@ fn spool_records(
         // Exactly what `qlog query -o export` prints for the record.
         if let Some(export) = &mut vm_out.export {
             line.clear();
-            EXPORT.print(&out_record, &mut line).context("cannot encode a record")?;
+            EXPORT.print_record(&out_record, &mut line).context("cannot encode a record")?;
             export.append_export(&line, &mut scanner)?;
         }
 

@@ -33,7 +33,7 @@ const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 const MAX_LINE: usize = 64 << 20;
 
 fn esc(s: &str) -> String {
-    escape_line(s.as_bytes())
+    escape_line(s.as_bytes()).into_owned()
 }
 
 /// How an entry is scanned.

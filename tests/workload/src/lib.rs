@@ -102,6 +102,8 @@ pub struct Workload {
     seqnum: u64,
     realtime_usec: u64,
     monotonic_usec: u64,
+    /// Multiplies the gap between entries: 1 by default (some 800 entries a second).
+    spacing: u64,
 }
 
 impl Workload {
@@ -120,13 +122,14 @@ impl Workload {
             // 2026-12-03 00:00:00 UTC: fixed, so the output does not depend on the clock.
             realtime_usec: 1_796_256_000_000_000,
             monotonic_usec: 5_000_000,
+            spacing: 1,
         }
     }
 
     /// The next entry, with every field journald would give it.
     pub fn next_event(&mut self) -> Event {
         self.seqnum += 1;
-        let step = 200 + self.rng.below(2000);
+        let step = (200 + self.rng.below(2000)) * self.spacing;
         self.realtime_usec += step;
         self.monotonic_usec += step;
         let rng = &mut self.rng;
@@ -198,6 +201,13 @@ impl Workload {
     /// given the same start.
     pub fn starting_at(mut self, realtime_usec: u64) -> Workload {
         self.realtime_usec = realtime_usec;
+        self
+    }
+
+    /// Spreads the entries `factor` times further apart in time, e.g. so that a
+    /// benchmark's store spans days; the entries are otherwise the same.
+    pub fn spaced(mut self, factor: u64) -> Workload {
+        self.spacing = factor.max(1);
         self
     }
 

@@ -258,16 +258,8 @@ fn write_json_line(r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<
     // Keys in byte order, as serde_json's map writes them. The sort is stable, so a
     // repeated name's values stay in their order and end up side by side; a VM's fields
     // cannot collide with the sink's, which the sink renamed on ingest.
-    // Sorted first by their first 16 bytes read as one number (zero-padded, so a prefix
-    // still sorts first): most names differ there, and this sort runs once per record.
-    let key = |name: &[u8]| {
-        let mut head = [0u8; 16];
-        let n = name.len().min(16);
-        head[..n].copy_from_slice(&name[..n]);
-        u128::from_be_bytes(head)
-    };
-    let mut entries: Vec<(u128, &[u8], &[u8])> = Vec::with_capacity(40);
-    entries.extend(r.raw_fields().map(|(name, value)| (key(name), name, value)));
+    let mut entries: Vec<(&[u8], &[u8])> = Vec::with_capacity(40);
+    entries.extend(r.raw_fields());
     let trusted: [(&str, &[u8]); 4] = [
         (fields::QLOG_VM, r.vm.as_bytes()),
         (fields::QLOG_STREAM, r.stream.as_bytes()),
@@ -275,36 +267,56 @@ fn write_json_line(r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<
         (fields::QLOG_RECEIVED_USEC, received.format(r.received_usec).as_bytes()),
     ];
     for (name, value) in trusted.into_iter().chain(kind.map(|k| ("_QLOG_KIND", k.as_bytes()))) {
-        entries.push((key(name.as_bytes()), name.as_bytes(), value));
+        entries.push((name.as_bytes(), value));
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    out.write_all(b"{")?;
-    let mut i = 0;
-    while i < entries.len() {
-        let name = entries[i].1;
-        let same = entries[i..].iter().take_while(|(_, n, _)| *n == name).count();
-        if i > 0 {
-            out.write_all(b",")?;
+    thread_local! {
+        /// The last record's field names, and the order that sorts them: consecutive
+        /// records of one source nearly always have the same names, so the sort runs
+        /// once per layout rather than once per record.
+        static ORDER: RefCell<(Vec<u8>, Vec<u8>, Vec<usize>)> =
+            const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    }
+    ORDER.with_borrow_mut(|(names, last, order)| {
+        names.clear();
+        for (name, _) in &entries {
+            names.push(name.len() as u8);
+            names.extend_from_slice(name);
         }
-        // Names were checked against journald's rules ([A-Z0-9_]): nothing to escape.
-        out.write_all(b"\"")?;
-        out.write_all(name)?;
-        out.write_all(b"\":")?;
-        if same == 1 {
-            json_value_bytes(entries[i].2, out)?;
-        } else {
-            out.write_all(b"[")?;
-            for (j, (_, _, v)) in entries[i..i + same].iter().enumerate() {
-                if j > 0 {
-                    out.write_all(b",")?;
-                }
-                json_value_bytes(v, out)?;
+        if names != last {
+            // Stable: a repeated name's values stay in their order, side by side.
+            order.clear();
+            order.extend(0..entries.len());
+            order.sort_by(|&a, &b| entries[a].0.cmp(entries[b].0));
+            std::mem::swap(names, last);
+        }
+        out.write_all(b"{")?;
+        let mut i = 0;
+        while i < order.len() {
+            let name = entries[order[i]].0;
+            let same = order[i..].iter().take_while(|&&j| entries[j].0 == name).count();
+            if i > 0 {
+                out.write_all(b",")?;
             }
-            out.write_all(b"]")?;
+            // Names were checked against journald's rules ([A-Z0-9_]): nothing to escape.
+            out.write_all(b"\"")?;
+            out.write_all(name)?;
+            out.write_all(b"\":")?;
+            if same == 1 {
+                json_value_bytes(entries[order[i]].1, out)?;
+            } else {
+                out.write_all(b"[")?;
+                for (k, &j) in order[i..i + same].iter().enumerate() {
+                    if k > 0 {
+                        out.write_all(b",")?;
+                    }
+                    json_value_bytes(entries[j].1, out)?;
+                }
+                out.write_all(b"]")?;
+            }
+            i += same;
         }
-        i += same;
-    }
-    out.write_all(b"}")
+        out.write_all(b"}")
+    })
 }
 
 /// A value as journalctl writes it: a string if it is UTF-8, else an array of bytes.
@@ -578,8 +590,9 @@ mod tests {
             )]),
             rec(&[("BIN", &[0, 255, 10][..]), ("BIN", b"text"), ("A", b""), ("Z", b"z")]),
         ];
-        for r in samples {
-            let (bytes, mut direct, mut via) = (wire(&r), Vec::new(), Vec::new());
+        // Twice over: the cached key order must follow each change of field layout.
+        for r in samples.iter().chain(&samples) {
+            let (bytes, mut direct, mut via) = (wire(r), Vec::new(), Vec::new());
             let r = RecordView::parse(&bytes).unwrap();
             write_json_line(&r, &mut direct).unwrap();
             write_json(&json(&r), false, &mut via).unwrap();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qlog_rpc::fields;
-use qlog_rpc::query::{Record, RecordKind};
+use qlog_rpc::query::{Record, RecordKind, RecordView};
 use qlog_rpc::telemetry::{ValidSample, NO_PRIORITY};
 use qlog_rpc::{Event, Gap, ResumePoint};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -749,20 +749,22 @@ impl Committer {
             if let Some(gap) = self.enforce_quota(&vm, estimate, &mut cycle) {
                 records.push_record(&gap);
             }
-            let id = self.next_batch_id;
-            self.next_batch_id += 1;
-            let batch = Store::encode_raw_batch(
-                &vm,
-                id,
-                records.count,
-                records.first_usec,
-                records.last_usec,
-                &records.raw,
-            );
-            let st = self.vm_state(&vm);
-            st.events_stored += records.count as u64;
-            st.bytes_stored += batch.value.len() as u64;
-            set.batches.push(batch);
+            for part in batch_parts(&records.raw, MAX_BATCH_RAW_BYTES) {
+                let id = self.next_batch_id;
+                self.next_batch_id += 1;
+                let raw = &records.raw[part.bytes];
+                let batch = Store::encode_raw_batch(
+                    &vm,
+                    id,
+                    part.count,
+                    part.first_usec,
+                    part.last_usec,
+                    raw,
+                );
+                self.vm_state(&vm).bytes_stored += batch.value.len() as u64;
+                set.batches.push(batch);
+            }
+            self.vm_state(&vm).events_stored += records.count as u64;
             published.push(records);
         }
         let only_rollups = set.batches.is_empty()
@@ -937,4 +939,72 @@ pub fn now_usec() -> u64 {
 fn format_usec(usec: u64) -> String {
     chrono::DateTime::from_timestamp_micros(usec as i64)
         .map_or_else(|| usec.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S%.6f UTC").to_string())
+}
+
+/// Uncompressed bytes a stored batch holds at most (one larger record is a batch of its
+/// own). A query inflates whole batches: the newest lines of a VM that logs fast cost
+/// one batch this size, not a whole commit cycle's worth.
+const MAX_BATCH_RAW_BYTES: usize = 1 << 20;
+
+/// One stored batch's share of a VM's records in a commit.
+struct BatchPart {
+    count: usize,
+    first_usec: u64,
+    last_usec: u64,
+    bytes: std::ops::Range<usize>,
+}
+
+/// Cuts a VM's encoded records, in order, into batches of at most `max` bytes each.
+fn batch_parts(raw: &[u8], max: usize) -> Vec<BatchPart> {
+    let mut parts: Vec<BatchPart> = Vec::new();
+    let mut pos = 0;
+    while pos < raw.len() {
+        let view = RecordView::parse(&raw[pos..]).expect("the committer encoded these records");
+        let (len, usec) = (view.bytes.len(), view.received_usec);
+        match parts.last_mut() {
+            Some(part) if part.bytes.len() + len <= max => {
+                part.count += 1;
+                part.first_usec = part.first_usec.min(usec);
+                part.last_usec = part.last_usec.max(usec);
+                part.bytes.end += len;
+            }
+            _ => parts.push(BatchPart {
+                count: 1,
+                first_usec: usec,
+                last_usec: usec,
+                bytes: pos..pos + len,
+            }),
+        }
+        pos += len;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_parts_cut_at_record_boundaries_within_the_size() {
+        let mut raw = Vec::new();
+        let mut lens = Vec::new();
+        for (i, size) in [10usize, 300, 40, 5000, 20].into_iter().enumerate() {
+            let mut event = Event::new();
+            event.push("MESSAGE", "x".repeat(size));
+            let start = raw.len();
+            let kind = RecordKind::Event;
+            let (vm, stream) = ("a".to_owned(), "s".to_owned());
+            Record { vm, stream, received_usec: 100 + i as u64, seq: i as u64, kind, event }
+                .encode(&mut raw);
+            lens.push(raw.len() - start);
+        }
+        let parts = batch_parts(&raw, lens[0] + lens[1] + lens[2]);
+        let shape: Vec<(usize, u64, u64)> =
+            parts.iter().map(|p| (p.count, p.first_usec, p.last_usec)).collect();
+        // The first three fit together; the big one is alone; the last starts anew.
+        assert_eq!(shape, vec![(3, 100, 102), (1, 103, 103), (1, 104, 104)]);
+        assert_eq!(parts.last().unwrap().bytes.end, raw.len());
+        assert!(parts.windows(2).all(|w| w[0].bytes.end == w[1].bytes.start));
+        assert!(batch_parts(&[], 10).is_empty());
+    }
 }

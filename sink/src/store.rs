@@ -511,11 +511,16 @@ impl Store {
         let prefix = batch_prefix(vm);
         let start = match since {
             // A batch that starts before `since` may still end after it: begin at the last
-            // batch that starts at or before `since`.
+            // batch that starts at or before `since`, and at the first of the batches that
+            // start at that same time (one commit's batches of a VM can share it).
             Some(since) => {
                 let probe = batch_key(vm, since, u64::MAX);
                 match self.db.range(prefix.clone()..=probe).next_back() {
-                    Some(Ok((k, _))) => k.to_vec(),
+                    Some(Ok((k, _))) if k.len() >= prefix.len() + 8 => {
+                        let mut start = k[..prefix.len() + 8].to_vec();
+                        start.extend_from_slice(&0u64.to_be_bytes());
+                        start
+                    }
                     _ => prefix.clone(),
                 }
             }
@@ -1311,6 +1316,28 @@ mod tests {
         };
         let e = inflate_into(b"k", &future.value, &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("upgrade qlogd"), "{e}");
+    }
+
+    #[test]
+    fn a_scan_from_a_time_that_batches_share_finds_every_one_of_them() {
+        let dir = tempdir();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        // One commit cut a VM's records of one receive time into three batches.
+        commit_batches(
+            &mut w,
+            vec![
+                ("a".into(), 1, vec![record("a", 50, 1), record("a", 50, 2)]),
+                ("a".into(), 2, vec![record("a", 50, 3)]),
+                ("a".into(), 3, vec![record("a", 50, 4), record("a", 60, 5)]),
+            ],
+            vec![],
+        );
+        assert_eq!(seqs(&store, "a", Some(50), None, false), vec![1, 2, 3, 4, 5]);
+        assert_eq!(seqs(&store, "a", Some(55), None, false), vec![5]);
+        let ids: Vec<u64> =
+            store.scan("a", Some(50), Some(50), true).map(|b| b.unwrap().batch_id()).collect();
+        assert_eq!(ids, vec![3, 2, 1]);
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //!
 //! LZ4 rather than zstd because every scan of the store (a `-g` search, a full dump)
 //! inflates every batch it reads: LZ4 inflates log text about three times as fast, and
-//! that is most of a scan's time. It stores some 1.7 times the bytes zstd would, still
+//! that is most of a scan's time. It stores some 1.8 times the bytes zstd would, still
 //! a fraction of what a journal file takes. Batches written by earlier versions
 //! (version 1: one checksummed zstd frame after the header) are read as before.
 //!

@@ -100,7 +100,7 @@ fn check(r: &mut Redactor, knob: u8, value: &[u8]) {
         assert!(std::str::from_utf8(value).is_ok(), "{name} left as invalid UTF-8");
     }
     let mut line = Vec::new();
-    Printer { format: Format::Json, color: false }.print(&redacted, &mut line).unwrap();
+    Printer { format: Format::Json, color: false }.print_record(&redacted, &mut line).unwrap();
     if let Some(rule) = r.leak(&line, true, &[], &mut scratch) {
         let line = String::from_utf8_lossy(&line);
         panic!("{} still finds something in {line:?}", r.rule_name(rule));

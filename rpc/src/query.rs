@@ -237,7 +237,7 @@ impl<'a> RecordView<'a> {
             let Some(next) = tail.get(name_len + 4 + value_len..) else {
                 return Err(truncated(rest));
             };
-            if message.is_none() && &tail[..name_len] == b"MESSAGE" {
+            if message.is_none() && &tail[..name_len] == crate::fields::MESSAGE.as_bytes() {
                 message = Some(&tail[name_len + 4..name_len + 4 + value_len]);
             }
             rest = next;

@@ -298,8 +298,8 @@ async fn run_events(
     Ok(())
 }
 
-/// Streams the stored matches, decoded by a pool of `workers` threads (none: this thread
-/// decodes); returns how many there were.
+/// Streams the stored matches, decoded by a pool of `workers` threads (at least one);
+/// returns how many there were.
 fn history(
     walk: Walk<'_>,
     vms: &[String],
@@ -315,7 +315,7 @@ fn history(
     // sender of jobs is gone: the cursors' go with the merge, the pool's own right here.
     std::thread::scope(|scope| {
         let pool = Pool::start(scope, walk, workers);
-        let mut merge = Merge::new(walk, vms, pool.as_ref());
+        let mut merge = Merge::new(walk, vms, &pool);
         drop(pool);
         match limit {
             // The last N matches: walk backwards until N are found, then send them in
@@ -369,15 +369,12 @@ struct Pool<'a> {
 }
 
 impl<'a> Pool<'a> {
-    /// `None` for no workers: the merge thread decodes.
     fn start<'s>(
         scope: &'s std::thread::Scope<'s, 'a>,
         walk: Walk<'a>,
         workers: usize,
-    ) -> Option<Pool<'a>> {
-        if workers == 0 {
-            return None;
-        }
+    ) -> Pool<'a> {
+        let workers = workers.max(1);
         let (jobs, queue) = std::sync::mpsc::channel::<Job<'a>>();
         let queue = Arc::new(std::sync::Mutex::new(queue));
         for _ in 0..workers {
@@ -394,7 +391,7 @@ impl<'a> Pool<'a> {
                 let _ = job.reply.send(walk.batch(job.vm, job.source, &job.info));
             });
         }
-        Some(Pool { jobs, workers })
+        Pool { jobs, workers }
     }
 }
 
@@ -495,84 +492,61 @@ type BatchResult = Result<Batch, StoreError>;
 /// panic aborts the process), so a live cursor always reaches them.
 const WORKERS_OUTLIVE_CURSOR: &str = "decode workers outlive the cursor that feeds them";
 
-/// Where a VM's decoded batches come from.
-enum Feed<'a> {
-    /// The merge thread decodes each batch itself.
-    Inline,
-    /// The next batches of the scan are queued to the pool, up to `depth` of them, and
-    /// their results taken back in scan order.
-    Pool {
-        jobs: std::sync::mpsc::Sender<Job<'a>>,
-        pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
-        depth: usize,
-    },
-}
-
 /// One VM's matching records in time order (or reverse), a batch at a time.
 struct VmCursor<'a> {
     vm: &'a str,
     source: usize,
     batches: Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + 'a>,
-    feed: Feed<'a>,
+    /// The pool, and the results of the batches queued to it, in scan order: up to
+    /// `depth` of them.
+    jobs: std::sync::mpsc::Sender<Job<'a>>,
+    pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
+    depth: usize,
     current: Batch,
     next: usize,
 }
 
 impl<'a> VmCursor<'a> {
     /// `vms` is how many cursors share the pool: together they keep every worker busy.
-    fn new(
-        walk: Walk<'a>,
-        vm: &'a str,
-        source: usize,
-        pool: Option<&Pool<'a>>,
-        vms: usize,
-    ) -> VmCursor<'a> {
+    fn new(walk: Walk<'a>, vm: &'a str, source: usize, pool: &Pool<'a>, vms: usize) -> Self {
         let filter = walk.filter;
-        let batches = walk.store.scan(vm, filter.since_usec, filter.until_usec, walk.reverse);
-        let feed = match pool {
-            None => Feed::Inline,
-            Some(pool) => Feed::Pool {
-                jobs: pool.jobs.clone(),
-                pending: Default::default(),
-                depth: pool.workers.div_ceil(vms.max(1)),
-            },
-        };
-        VmCursor { vm, source, batches, feed, current: Batch::default(), next: 0 }
-    }
-
-    /// The next decoded batch in walking order; `None` at the end of the VM's range.
-    fn next_batch(&mut self, walk: &Walk<'_>) -> Option<BatchResult> {
-        match &mut self.feed {
-            Feed::Inline => match self.batches.next()? {
-                Ok(info) => Some(walk.batch(self.vm, self.source, &info)),
-                Err(e) => Some(Err(e)),
-            },
-            Feed::Pool { jobs, pending, depth } => {
-                while pending.len() < *depth {
-                    match self.batches.next() {
-                        Some(Ok(info)) => {
-                            let (reply, result) = std::sync::mpsc::channel();
-                            let job = Job { vm: self.vm, source: self.source, info, reply };
-                            jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
-                            pending.push_back(result);
-                        }
-                        Some(Err(e)) => return Some(Err(e)),
-                        None => break,
-                    }
-                }
-                let result = pending.pop_front()?;
-                Some(result.recv().expect(WORKERS_OUTLIVE_CURSOR))
-            }
+        VmCursor {
+            vm,
+            source,
+            batches: walk.store.scan(vm, filter.since_usec, filter.until_usec, walk.reverse),
+            jobs: pool.jobs.clone(),
+            pending: Default::default(),
+            depth: pool.workers.div_ceil(vms.max(1)),
+            current: Batch::default(),
+            next: 0,
         }
     }
 
+    /// The next decoded batch in walking order; `None` at the end of the VM's range.
+    fn next_batch(&mut self) -> Option<BatchResult> {
+        while self.pending.len() < self.depth {
+            match self.batches.next() {
+                Some(Ok(info)) => {
+                    let (reply, result) = std::sync::mpsc::channel();
+                    let job = Job { vm: self.vm, source: self.source, info, reply };
+                    self.jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
+                    self.pending.push_back(result);
+                }
+                Some(Err(e)) => return Some(Err(e)),
+                None => break,
+            }
+        }
+        let result = self.pending.pop_front()?;
+        Some(result.recv().expect(WORKERS_OUTLIVE_CURSOR))
+    }
+
     /// Moves to the next match; false at the end of the VM's range.
-    fn advance(&mut self, walk: &Walk<'_>) -> Result<bool, StoreError> {
+    fn advance(&mut self) -> Result<bool, StoreError> {
         loop {
             if self.next < self.current.items.len() {
                 return Ok(true);
             }
-            match self.next_batch(walk) {
+            match self.next_batch() {
                 Some(batch) => {
                     self.current = batch?;
                     self.next = 0;
@@ -616,7 +590,7 @@ impl Ord for Head {
 }
 
 struct Merge<'a> {
-    walk: Walk<'a>,
+    reverse: bool,
     cursors: Vec<VmCursor<'a>>,
     heap: BinaryHeap<Head>,
     primed: bool,
@@ -626,19 +600,20 @@ struct Merge<'a> {
 
 impl<'a> Merge<'a> {
     /// `vms` must be sorted, so a VM's index orders as its name does.
-    fn new(walk: Walk<'a>, vms: &'a [String], pool: Option<&Pool<'a>>) -> Merge<'a> {
+    fn new(walk: Walk<'a>, vms: &'a [String], pool: &Pool<'a>) -> Merge<'a> {
         let cursors = vms
             .iter()
             .enumerate()
             .map(|(source, vm)| VmCursor::new(walk, vm, source, pool, vms.len()))
             .collect();
-        Merge { walk, cursors, heap: BinaryHeap::new(), primed: false, taken: None }
+        let reverse = walk.reverse;
+        Merge { reverse, cursors, heap: BinaryHeap::new(), primed: false, taken: None }
     }
 
     fn push(&mut self, source: usize) -> Result<(), StoreError> {
-        if self.cursors[source].advance(&self.walk)? {
+        if self.cursors[source].advance()? {
             let key = self.cursors[source].head().key;
-            self.heap.push(Head { key, source, reverse: self.walk.reverse });
+            self.heap.push(Head { key, source, reverse: self.reverse });
         }
         Ok(())
     }
@@ -796,31 +771,38 @@ mod tests {
         for filter in [Filter::default(), err] {
             for (limit, reverse) in [(None, false), (None, true), (Some(5), false), (Some(7), true)]
             {
-                let inline = run(&store, &filter, limit, reverse, 0);
+                // One worker decodes the batches strictly in scan order: the baseline.
+                let one = run(&store, &filter, limit, reverse, 1);
                 let expected = match limit {
                     None => 120 / if filter.priority.is_some() { 2 } else { 1 },
                     Some(n) => n as usize,
                 };
-                assert_eq!(inline.len(), expected, "{filter:?} {limit:?} {reverse}");
+                assert_eq!(one.len(), expected, "{filter:?} {limit:?} {reverse}");
                 // Merge order: receive time, then VM name, then sequence.
                 let key = |(vm, seq): &(String, u64)| {
                     let received = 1_000 + (seq / 10 / 2) * 10 + seq % 10;
                     (received, vm.clone(), *seq)
                 };
-                let mut sorted = inline.clone();
+                let mut sorted = one.clone();
                 sorted.sort_by_key(key);
                 if reverse {
                     sorted.reverse();
                 }
-                if limit.is_none() {
-                    assert_eq!(inline, sorted, "{filter:?} {reverse}");
+                match limit {
+                    None => assert_eq!(one, sorted, "{filter:?} {reverse}"),
+                    // `-n N` is the newest N matches, in the order asked for.
+                    Some(n) => {
+                        let all = run(&store, &filter, None, false, 1);
+                        let mut newest = all[all.len() - n as usize..].to_vec();
+                        if reverse {
+                            newest.reverse();
+                        }
+                        assert_eq!(one, newest, "{filter:?} {limit:?} {reverse}");
+                    }
                 }
-                for workers in [1, 2, 3] {
+                for workers in [2, 3, 4] {
                     let threaded = run(&store, &filter, limit, reverse, workers);
-                    assert_eq!(
-                        threaded, inline,
-                        "pool of {workers}, {filter:?} {limit:?} {reverse}"
-                    );
+                    assert_eq!(threaded, one, "pool of {workers}, {filter:?} {limit:?} {reverse}");
                 }
             }
         }

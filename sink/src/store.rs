@@ -1279,9 +1279,7 @@ mod tests {
 
     #[test]
     fn zstd_batches_from_before_lz4_stay_readable_beside_new_ones() {
-        let dir = tempdir();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        let (_dir, store, mut w) = fresh_store();
         let old = zstd_batch("a", 1, &[record("a", 10, 1), record("a", 11, 2)]);
         let new = Store::encode_batch("a", 2, &[record("a", 20, 3)]);
         assert_eq!(new.value[0], BATCH_VERSION);
@@ -1297,9 +1295,7 @@ mod tests {
 
     #[test]
     fn a_changed_byte_in_an_lz4_block_is_reported_as_corruption() {
-        let dir = tempdir();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        let (dir, store, mut w) = fresh_store();
         commit_batches(&mut w, vec![("a".into(), 1, vec![record("a", 10, 1)])], vec![]);
         let info = store.batches("a").next().unwrap().unwrap();
         let seg = dir.path().join(format!("segments/a/{:016x}.seg", info.segment));
@@ -1320,9 +1316,7 @@ mod tests {
 
     #[test]
     fn a_scan_from_a_time_that_batches_share_finds_every_one_of_them() {
-        let dir = tempdir();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        let (_dir, store, mut w) = fresh_store();
         // One commit cut a VM's records of one receive time into three batches.
         commit_batches(
             &mut w,
@@ -1342,9 +1336,7 @@ mod tests {
 
     #[test]
     fn batches_round_trip_and_scan_by_vm_and_time() {
-        let dir = tempdir();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let mut w = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        let (_dir, store, mut w) = fresh_store();
         commit_batches(
             &mut w,
             vec![
@@ -1672,6 +1664,14 @@ mod tests {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+    /// An empty store in a temporary directory, and its writer.
+    fn fresh_store() -> (TempDir, Store, StoreWriter) {
+        let dir = tempdir();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let writer = StoreWriter::open(store.clone(), 1 << 20).unwrap();
+        (dir, store, writer)
+    }
+
     fn tempdir() -> TempDir {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);

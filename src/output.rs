@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write;
 
-use chrono::{DateTime, Local, TimeZone};
+use chrono::{DateTime, Datelike, Local, Offset, TimeZone, Timelike};
 use clap::ValueEnum;
 use qlog_rpc::fields;
 use qlog_rpc::query::{Record, RecordKind, RecordView};
@@ -160,21 +160,43 @@ fn claims(r: &RecordView<'_>) -> Vec<String> {
 
 pub fn format_time(usec: u64, format: Format) -> String {
     thread_local! {
-        /// The last second formatted: consecutive records nearly always share it, and
-        /// formatting a time (zone lookup, strftime) costs more than the rest of a line.
-        static LAST: RefCell<Option<(u64, Format, String)>> = const { RefCell::new(None) };
+        /// The last second formatted in each layout: consecutive records nearly always
+        /// share it, and formatting a time (zone lookup, strftime) costs more than the
+        /// rest of a line. One slot per layout, because a line of the short layout also
+        /// formats a claimed time in the ISO one when the VM's clock is off.
+        static LAST: RefCell<[Option<(u64, String)>; 2]> = const { RefCell::new([None, None]) };
     }
     let secs = usec / 1_000_000;
-    let mut text = LAST.with_borrow_mut(|last| match last {
-        Some((s, f, text)) if *s == secs && *f == format => Some(text.clone()),
+    let iso = format == Format::ShortIso;
+    let mut text = LAST.with_borrow_mut(|last| match &last[usize::from(iso)] {
+        Some((s, text)) if *s == secs => Some(text.clone()),
         _ => {
             let t = DateTime::from_timestamp(i64::try_from(secs).ok()?, 0)?;
             let t: DateTime<Local> = Local.from_utc_datetime(&t.naive_utc());
-            let text = match format {
-                Format::ShortIso => t.format("%Y-%m-%dT%H:%M:%S%z").to_string(),
-                _ => t.format("%b %d %H:%M:%S").to_string(),
-            };
-            *last = Some((secs, format, text.clone()));
+            // Written out by hand: interpreting a strftime string on every new second
+            // was most of the cost of a line whose VM claims a skewed clock.
+            let mut text = String::with_capacity(24);
+            let (h, m, sec) = (t.hour(), t.minute(), t.second());
+            if iso {
+                let offset = t.offset().fix().local_minus_utc();
+                let (sign, offset) = if offset < 0 { ('-', -offset) } else { ('+', offset) };
+                let (oh, om) = (offset / 3600, offset / 60 % 60);
+                let (y, mo, d) = (t.year(), t.month(), t.day());
+                // strftime's %Y: four digits, and a sign past 9999.
+                let plus = if y > 9999 { "+" } else { "" };
+                let _ = write!(
+                    text,
+                    "{plus}{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}{sign}{oh:02}{om:02}"
+                );
+            } else {
+                const MONTHS: [&str; 12] = [
+                    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+                    "Dec",
+                ];
+                let month = MONTHS[t.month0() as usize];
+                let _ = write!(text, "{month} {:02} {h:02}:{m:02}:{sec:02}", t.day());
+            }
+            last[usize::from(iso)] = Some((secs, text.clone()));
             Some(text)
         }
     });
@@ -539,6 +561,28 @@ pub fn export(r: &RecordView<'_>, out: &mut impl Write) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_written_as_strftime_would() {
+        let usecs = [
+            0,
+            1_796_256_000_123_456,
+            951_782_400_000_000,
+            4_102_444_799_999_999,
+            253_402_300_800_000_000,
+        ];
+        for usec in usecs {
+            let t = DateTime::from_timestamp((usec / 1_000_000) as i64, 0).unwrap();
+            let t: DateTime<Local> = Local.from_utc_datetime(&t.naive_utc());
+            assert_eq!(
+                format_time(usec, Format::ShortIso),
+                t.format("%Y-%m-%dT%H:%M:%S%z").to_string()
+            );
+            assert_eq!(format_time(usec, Format::Short), t.format("%b %d %H:%M:%S").to_string());
+            let precise = format!("{}.{:06}", t.format("%b %d %H:%M:%S"), usec % 1_000_000);
+            assert_eq!(format_time(usec, Format::ShortPrecise), precise);
+        }
+    }
     use qlog_rpc::Event;
 
     fn rec(fields: &[(&str, &[u8])]) -> Record {

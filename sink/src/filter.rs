@@ -12,6 +12,8 @@ use qlog_rpc::glob::glob_match;
 use qlog_rpc::query::{Filter, RecordView, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
 use regex::bytes::{Regex, RegexBuilder};
 
+use crate::batch::{self, Columns};
+
 /// journald's message ID of coredump entries, whose `COREDUMP_UNIT` `-u` honours.
 const COREDUMP_MESSAGE_ID: &[u8] = b"fc2e22bc6ee647b6b90729ab34a250b1";
 
@@ -122,6 +124,71 @@ impl CompiledFilter {
             }
         }
         true
+    }
+
+    /// Which of a batch's records may match, judged from their keys alone; `None` if
+    /// the filter asks nothing the keys answer. Never leaves out a record that
+    /// [`CompiledFilter::matches`] would keep: a key either answers exactly what
+    /// `matches` asks, or is [`batch::KEY_OTHER`] and the record is read.
+    pub fn candidates(&self, columns: &Columns<'_>) -> Option<Vec<bool>> {
+        let unit_values = self.matches.get(fields::SYSTEMD_UNIT);
+        let identifier_values = self.matches.get(fields::SYSLOG_IDENTIFIER);
+        if self.priority.is_none()
+            && self.units.is_empty()
+            && self.identifiers.is_empty()
+            && unit_values.is_none()
+            && identifier_values.is_none()
+        {
+            return None;
+        }
+        let mut priority = [true; 256];
+        if let Some((lo, hi)) = self.priority {
+            for (p, ok) in priority.iter_mut().enumerate() {
+                *ok = (lo as usize..=hi as usize).contains(&p);
+            }
+        }
+        // For each key value: may a record with it pass every test on that field?
+        let table = |dict: &[&[u8]], tests: &[&dyn Fn(&[u8]) -> bool]| {
+            let mut ok = [true; 256];
+            if !tests.is_empty() {
+                ok[batch::KEY_NONE as usize] = false;
+                for (i, value) in dict.iter().enumerate() {
+                    ok[i + 1] = tests.iter().all(|t| t(value));
+                }
+            }
+            ok
+        };
+        let unit_pattern = |v: &[u8]| self.units.iter().any(|u| u.matches(v));
+        let unit_value = |v: &[u8]| unit_values.is_some_and(|w| w.iter().any(|w| w == v));
+        let mut unit_tests: Vec<&dyn Fn(&[u8]) -> bool> = Vec::new();
+        if !self.units.is_empty() {
+            unit_tests.push(&unit_pattern);
+        }
+        if unit_values.is_some() {
+            unit_tests.push(&unit_value);
+        }
+        let identifier = |v: &[u8]| self.identifiers.iter().any(|i| i == v);
+        let identifier_value =
+            |v: &[u8]| identifier_values.is_some_and(|w| w.iter().any(|w| w == v));
+        let mut identifier_tests: Vec<&dyn Fn(&[u8]) -> bool> = Vec::new();
+        if !self.identifiers.is_empty() {
+            identifier_tests.push(&identifier);
+        }
+        if identifier_values.is_some() {
+            identifier_tests.push(&identifier_value);
+        }
+        let unit = table(&columns.units, &unit_tests);
+        let ident = table(&columns.identifiers, &identifier_tests);
+        Some(
+            columns
+                .iter()
+                .map(|k| {
+                    priority[k.priority as usize]
+                        && unit[k.unit as usize]
+                        && ident[k.identifier as usize]
+                })
+                .collect(),
+        )
     }
 
     /// journalctl's `-u`: the entry's own unit, or a unit that a trusted sender says the
@@ -269,5 +336,89 @@ mod tests {
         assert!(t.matches(&view(&rec(&[]))));
         let t = f(Filter { since_usec: Some(1001), ..Default::default() });
         assert!(!t.matches(&view(&rec(&[]))));
+    }
+    /// Every combination of the fields the batch keys describe, including the awkward
+    /// ones: no value, a bad value, two values, a unit only systemd may name.
+    fn key_corpus() -> Vec<Vec<u8>> {
+        let priorities: &[&[&str]] =
+            &[&[], &["0"], &["3"], &["4"], &["7"], &["x"], &["33"], &["6", "3"]];
+        let units: &[&[(&str, &str)]] = &[
+            &[],
+            &[("_SYSTEMD_UNIT", "sshd.service")],
+            &[("_SYSTEMD_UNIT", "qubes-gui-agent.service")],
+            &[("_SYSTEMD_UNIT", "cups.service"), ("_SYSTEMD_UNIT", "sshd.service")],
+            &[("UNIT", "sshd.service"), ("_PID", "1")],
+            &[
+                ("_SYSTEMD_UNIT", "cups.service"),
+                ("OBJECT_SYSTEMD_UNIT", "sshd.service"),
+                ("_UID", "0"),
+            ],
+        ];
+        let identifiers: &[&[&str]] = &[&[], &["sshd"], &["cupsd"], &["cupsd", "sshd"]];
+        let mut corpus = Vec::new();
+        for p in priorities {
+            for u in units {
+                for i in identifiers {
+                    let mut fields: Vec<(&str, &str)> =
+                        p.iter().map(|v| ("PRIORITY", *v)).collect();
+                    fields.extend_from_slice(u);
+                    fields.extend(i.iter().map(|v| ("SYSLOG_IDENTIFIER", *v)));
+                    corpus.push(rec(&fields));
+                }
+            }
+        }
+        corpus
+    }
+
+    #[test]
+    fn batch_keys_never_leave_out_a_record_the_filter_keeps() {
+        let corpus = key_corpus();
+        let raw = corpus.concat();
+        let (_, value) = crate::batch::encode(1000, 1000, &raw);
+        let head_len = crate::batch::head_len(&value).unwrap();
+        let head = crate::batch::Head::parse(
+            &value[..crate::batch::FIXED_LEN + head_len],
+            value.len() as u64,
+        )
+        .unwrap();
+        let m = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let filters = [
+            Filter { priority: Some((0, 3)), ..Default::default() },
+            Filter { priority: Some((6, 7)), ..Default::default() },
+            Filter { units: vec!["sshd".into()], ..Default::default() },
+            Filter { units: vec!["qubes-*".into(), "cups".into()], ..Default::default() },
+            Filter { identifiers: vec!["sshd".into()], ..Default::default() },
+            Filter { matches: m(&[("SYSLOG_IDENTIFIER", "cupsd")]), ..Default::default() },
+            Filter { matches: m(&[("_SYSTEMD_UNIT", "cups.service")]), ..Default::default() },
+            Filter {
+                priority: Some((0, 3)),
+                units: vec!["sshd".into()],
+                identifiers: vec!["sshd".into()],
+                matches: m(&[("_SYSTEMD_UNIT", "sshd.service"), ("SYSLOG_IDENTIFIER", "sshd")]),
+                ..Default::default()
+            },
+        ];
+        for filter in filters {
+            let compiled = f(filter.clone());
+            let candidates =
+                compiled.candidates(&head.columns).expect("the filter asks about keys");
+            assert_eq!(candidates.len(), corpus.len());
+            let kept: Vec<bool> = corpus.iter().map(|r| compiled.matches(&view(r))).collect();
+            for (i, (&keep, &candidate)) in kept.iter().zip(&candidates).enumerate() {
+                assert!(
+                    candidate || !keep,
+                    "{filter:?} keeps record {i} but the keys leave it out"
+                );
+            }
+            let left_out = candidates.iter().filter(|c| !**c).count();
+            assert!(left_out >= corpus.len() / 4, "{filter:?}: the keys left out only {left_out}");
+        }
+        let other = f(Filter {
+            grep: Some(Grep { pattern: "x".into(), case_insensitive: false }),
+            ..Default::default()
+        });
+        assert!(other.candidates(&head.columns).is_none(), "a grep is not answered by keys");
     }
 }

@@ -14,6 +14,7 @@
 //! qlogd can say to an operator. Beside the data path, the committer keeps per-minute
 //! telemetry `rollup`s and judges every VM's `health`.
 
+pub mod batch;
 pub mod chain;
 pub mod committer;
 pub mod config;

@@ -14,6 +14,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +29,11 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::batch::Columns;
 use crate::filter::CompiledFilter;
 use crate::log_events;
 use crate::shared::Shared;
-use crate::store::{BatchInfo, Store, StoreError};
+use crate::store::{BatchInfo, SegmentFiles, Store, StoreError};
 
 /// Frames are sent in chunks of about this many bytes.
 const SEND_CHUNK: usize = 64 * 1024;
@@ -279,7 +281,8 @@ async fn run_events(
     let (limit, reverse) = (q.limit, q.reverse);
     let producer = tokio::task::spawn_blocking(move || {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let walk = Walk { store: &store, filter: &history_filter, watermark, reverse };
+        let walk =
+            Walk { store: &store, filter: &history_filter, watermark, reverse, per_batch: None };
         history(walk, &vms, limit, workers, &tx)
     });
     while let Some(chunk) = rx.recv().await {
@@ -310,7 +313,10 @@ fn history(
     let mut out = FrameSink { tx, buf: Vec::with_capacity(SEND_CHUNK), open: true };
     let mut matched = 0u64;
     let reverse = walk.reverse;
-    let walk = if limit.is_some() { walk.backwards() } else { walk };
+    let walk = match limit {
+        Some(n) => walk.newest(n),
+        None => walk,
+    };
     // The workers borrow the store and filter; the scope joins them. They stop once every
     // sender of jobs is gone: the cursors' go with the merge, the pool's own right here.
     std::thread::scope(|scope| {
@@ -354,13 +360,19 @@ fn history(
     })
 }
 
-/// One batch for the pool to decode, and where its result goes.
+/// Consecutive batches of one VM, in walking order, for the pool to decode as one
+/// result, and where that result goes.
 struct Job<'a> {
     vm: &'a str,
     source: usize,
-    info: BatchInfo,
+    infos: Vec<BatchInfo>,
     reply: std::sync::mpsc::Sender<BatchResult>,
 }
+
+/// A cursor gathers batches into one job until they hold this many stored bytes: a job
+/// is a handoff to a worker and back, which costs a wake-up each way, so a job should be
+/// worth more than one small batch (one megabyte of records stores as some 200 KB).
+const JOB_STORED_BYTES: u64 = 1 << 20;
 
 /// The decode workers of one query, shared by all its VMs' cursors.
 struct Pool<'a> {
@@ -388,7 +400,7 @@ impl<'a> Pool<'a> {
                 };
                 let Ok(job) = job else { return };
                 // The cursor may have gone (the client hung up); nobody wants the result.
-                let _ = job.reply.send(walk.batch(job.vm, job.source, &job.info));
+                let _ = job.reply.send(walk.batches(job.vm, job.source, &job.infos));
             });
         }
         Pool { jobs, workers }
@@ -434,37 +446,50 @@ struct Walk<'a> {
     /// Batches committed after it reach a follower live instead.
     watermark: u64,
     reverse: bool,
+    /// A walk for the newest N matches needs at most N from any one batch.
+    per_batch: Option<u64>,
 }
 
 impl Walk<'_> {
-    fn backwards(self) -> Self {
-        Walk { reverse: true, ..self }
+    /// The walk that finds the newest `n` matches: backwards, at most `n` from a batch.
+    fn newest(self, n: u64) -> Self {
+        Walk { reverse: true, per_batch: Some(n), ..self }
     }
 
-    /// One batch's matching records, in visiting order, each parsed once. A batch past
-    /// the watermark, or trimmed since it was listed, has none.
-    ///
-    /// FIXME(field index): every batch in the query's time range is inflated, whatever
-    /// the filter, so `-p err -u UNIT` over an hour costs what the hour's records cost to
-    /// inflate (some 30 ms for 60,000 events on two cores). A summary of each batch's
-    /// priorities and unit values in its index entry would let rare values skip most
-    /// batches; values as common as one unit's errors (1 % of a store, in every batch)
-    /// would also need smaller independently compressed blocks.
-    fn batch(&self, vm: &str, source: usize, info: &BatchInfo) -> Result<Batch, StoreError> {
+    /// The matching records of consecutive batches of one VM, in visiting order, each
+    /// parsed once. A batch past the watermark, or trimmed since it was listed, has
+    /// none. The filter first judges each batch's record keys, so only chunks holding
+    /// records it may want are inflated.
+    fn batches(&self, vm: &str, source: usize, infos: &[BatchInfo]) -> Result<Batch, StoreError> {
         let mut batch = Batch::default();
-        if info.batch_id() > self.watermark {
-            return Ok(batch);
-        }
-        self.store.for_each_record(vm, info, |view| {
-            if self.filter.matches(&view) {
+        let filter = self.filter;
+        // The batches are consecutive in walking order, so the newest N of them all are
+        // all a walk for the newest N can use.
+        let mut left = self.per_batch.unwrap_or(u64::MAX);
+        let mut files = SegmentFiles::default();
+        for info in infos {
+            if info.batch_id() > self.watermark {
+                continue;
+            }
+            let candidates = |columns: &Columns<'_>| filter.candidates(columns);
+            self.store.for_each_record(&mut files, vm, info, self.reverse, candidates, |view| {
+                if !filter.matches(&view) {
+                    return ControlFlow::Continue(());
+                }
                 let start = batch.bytes.len();
                 batch.bytes.extend_from_slice(view.bytes);
                 let key = (view.received_usec, source, view.seq);
                 batch.items.push(Item { key, start, end: batch.bytes.len() });
+                left -= 1;
+                if left == 0 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
+            if left == 0 {
+                break;
             }
-        })?;
-        if self.reverse {
-            batch.items.reverse();
         }
         Ok(batch)
     }
@@ -525,16 +550,25 @@ impl<'a> VmCursor<'a> {
     /// The next decoded batch in walking order; `None` at the end of the VM's range.
     fn next_batch(&mut self) -> Option<BatchResult> {
         while self.pending.len() < self.depth {
-            match self.batches.next() {
-                Some(Ok(info)) => {
-                    let (reply, result) = std::sync::mpsc::channel();
-                    let job = Job { vm: self.vm, source: self.source, info, reply };
-                    self.jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
-                    self.pending.push_back(result);
+            let mut infos = Vec::new();
+            let mut stored = 0;
+            while stored < JOB_STORED_BYTES {
+                match self.batches.next() {
+                    Some(Ok(info)) => {
+                        stored += info.stored_len();
+                        infos.push(info);
+                    }
+                    Some(Err(e)) => return Some(Err(e)),
+                    None => break,
                 }
-                Some(Err(e)) => return Some(Err(e)),
-                None => break,
             }
+            if infos.is_empty() {
+                break;
+            }
+            let (reply, result) = std::sync::mpsc::channel();
+            let job = Job { vm: self.vm, source: self.source, infos, reply };
+            self.jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
+            self.pending.push_back(result);
         }
         let result = self.pending.pop_front()?;
         Some(result.recv().expect(WORKERS_OUTLIVE_CURSOR))
@@ -742,7 +776,7 @@ mod tests {
         let filter = CompiledFilter::new(filter).unwrap();
         let vms: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let (tx, mut rx) = mpsc::channel(8);
-        let walk = Walk { store, filter: &filter, watermark: u64::MAX, reverse };
+        let walk = Walk { store, filter: &filter, watermark: u64::MAX, reverse, per_batch: None };
         let vms = &vms;
         std::thread::scope(|s| {
             // The producer owns the sender: the channel ends when history returns.

@@ -19,16 +19,17 @@
 //! receive times so a VM's batches never overlap in time.
 //!
 //! A batch is a 25-byte header (version, record count, first and last receive time,
-//! uncompressed length), a CRC-32 of the block that follows, and an LZ4 block of
-//! [`Record`]s in their wire encoding. Keeping large values out of sled matters: sled
-//! rewrites whole pages, and with batch-sized values inline it wrote several times the
-//! data it stored.
+//! uncompressed length), then, in version 3, a head of chunk locations and per-record
+//! keys and the LZ4 chunks of [`Record`]s in their wire encoding ([`crate::batch`] has
+//! the layout). Keeping large values out of sled matters: sled rewrites whole pages, and
+//! with batch-sized values inline it wrote several times the data it stored.
 //!
 //! LZ4 rather than zstd because every scan of the store (a `-g` search, a full dump)
 //! inflates every batch it reads: LZ4 inflates log text about three times as fast, and
-//! that is most of a scan's time. It stores some 1.8 times the bytes zstd would, still
-//! a fraction of what a journal file takes. Batches written by earlier versions
-//! (version 1: one checksummed zstd frame after the header) are read as before.
+//! that is most of a scan's time. It stores some twice the bytes zstd would, still a
+//! fraction of what a journal file takes. Batches written by earlier versions are read
+//! as before: version 1 is one checksummed zstd frame after the header, version 2 one
+//! LZ4 block behind its CRC-32; they have no keys, so every record of theirs is read.
 //!
 //! Durability order: segment bytes are written and `fdatasync`ed before the index that
 //! points at them is applied and flushed. A crash in between leaves unindexed bytes at
@@ -76,6 +77,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -87,15 +89,23 @@ use qlog_rpc::Limits;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::batch::{self, Columns};
 use crate::chain::{self, ChainLink, ChainState, CHAIN_STATE_LEN};
 
 /// Batches written before version 2 hold one checksummed zstd frame; they stay readable.
 const BATCH_VERSION_ZSTD: u8 = 1;
-/// An LZ4 block behind a CRC-32 of it: what every batch is written as now.
-const BATCH_VERSION: u8 = 2;
-const BATCH_HEADER_LEN: usize = 25;
+/// One LZ4 block behind a CRC-32 of it; still readable.
+const BATCH_VERSION_LZ4: u8 = 2;
+/// Chunks and record keys ([`crate::batch`]): what every batch is written as now.
+const BATCH_VERSION: u8 = batch::VERSION;
+const BATCH_HEADER_LEN: usize = batch::COMMON_HEADER_LEN;
 /// Version 2 adds the block's CRC-32 after the common header.
 const BATCH_V2_HEADER_LEN: usize = BATCH_HEADER_LEN + 4;
+/// The first read of a batch: enough for the head and chunk 0 of a typical one.
+const BATCH_PROBE_BYTES: usize = 16 * 1024;
+/// A run of wanted chunks is read in preads of at most this much, so a `tail -n` that
+/// stops after a few chunks has not read the whole batch.
+const BATCH_READ_BYTES: u64 = 64 * 1024;
 const INDEX_VALUE_LEN: usize = 40;
 /// Index entries with a chain link: the 40 bytes, version, position, content hash, link.
 const INDEX_VALUE_CHAINED_LEN: usize = INDEX_VALUE_LEN + 1 + 8 + 32 + 32;
@@ -104,7 +114,7 @@ const INDEX_CHAIN_VERSION: u8 = 1;
 const CHAIN_SINCE_KEY: &[u8] = b"Mchain_since";
 /// Largest uncompressed batch we agree to inflate, so a corrupted header cannot make a
 /// query allocate without bound.
-const MAX_BATCH_RAW_LEN: u32 = 256 * 1024 * 1024;
+const MAX_BATCH_RAW_LEN: u32 = batch::MAX_RAW_LEN;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -477,18 +487,9 @@ impl Store {
         last_usec: u64,
         raw: &[u8],
     ) -> NewBatch {
-        let compressed = lz4_flex::block::compress(raw);
-        let mut value = Vec::with_capacity(BATCH_V2_HEADER_LEN + compressed.len());
-        value.push(BATCH_VERSION);
-        let count = u32::try_from(count).expect("a commit cycle is far below 4G records");
-        value.extend_from_slice(&count.to_be_bytes());
-        value.extend_from_slice(&first_usec.to_be_bytes());
-        value.extend_from_slice(&last_usec.to_be_bytes());
-        let raw_len = u32::try_from(raw.len()).expect("a commit cycle is far below 4 GiB");
-        value.extend_from_slice(&raw_len.to_be_bytes());
-        value.extend_from_slice(&crc32fast::hash(&compressed).to_be_bytes());
-        value.extend_from_slice(&compressed);
-        NewBatch { vm: vm.to_owned(), batch_id, count, first_usec, last_usec, value }
+        let (found, value) = batch::encode(first_usec, last_usec, raw);
+        debug_assert_eq!(found as usize, count, "the caller counted the records it encoded");
+        NewBatch { vm: vm.to_owned(), batch_id, count: found, first_usec, last_usec, value }
     }
 
     /// Iterates one VM's batches from oldest to newest.
@@ -556,56 +557,166 @@ impl Store {
         decode_batch(&info.key, &self.read_value(vm, info)?)
     }
 
-    /// Reads a batch and hands each of its records to `visit`, in stored order, each
-    /// parsed once. `Ok(false)` if the batch has been trimmed since it was listed; a
-    /// record that does not parse, or a count other than the index's, is corruption.
+    /// Reads a batch and hands `visit` each record that `candidates` wants, in stored
+    /// order or, with `reverse`, newest first, until it says to stop. `candidates` sees
+    /// the batch's record keys ([`batch`]) and returns which records may be wanted, or
+    /// `None` for all; batches from before the keys are read whole and every record is
+    /// visited. Only the chunks that hold wanted records are read and inflated.
+    ///
+    /// `Ok(false)` if the batch has been trimmed since it was listed. A record that does
+    /// not parse, a checksum mismatch, or a count other than the index's is corruption.
+    ///
+    /// `files` keeps the last segment file open for the next call: a reader of
+    /// consecutive batches opens each segment once.
     pub fn for_each_record(
         &self,
+        files: &mut SegmentFiles,
         vm: &str,
         info: &BatchInfo,
-        mut visit: impl FnMut(qlog_rpc::query::RecordView<'_>),
+        reverse: bool,
+        candidates: impl FnOnce(&Columns<'_>) -> Option<Vec<bool>>,
+        mut visit: impl FnMut(qlog_rpc::query::RecordView<'_>) -> ControlFlow<()>,
     ) -> Result<bool, StoreError> {
-        let value = match self.read_value(vm, info) {
-            Ok(value) => value,
-            Err(StoreError::Read { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Ok(false)
+        let path = self.segment_path(vm, info.segment);
+        let read_err = |source| StoreError::Read { path: path.clone(), source };
+        let file = match &files.last {
+            Some((open_vm, segment, file)) if open_vm == vm && *segment == info.segment => file,
+            _ => {
+                files.last = None;
+                match File::open(&path) {
+                    Ok(file) => &files.last.insert((vm.to_owned(), info.segment, file)).2,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                    Err(e) => return Err(read_err(e)),
+                }
             }
-            Err(e) => return Err(e),
         };
-        thread_local! {
-            /// Each query thread inflates into the same buffer: a batch is up to a few
-            /// MiB, and fresh pages for every one cost more than decompressing it.
-            static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        /// A buffer larger than this is given back after use rather than kept.
-        const KEEP_RAW_BYTES: usize = 16 << 20;
-        RAW.with_borrow_mut(|raw| {
-            inflate_into(&info.key, &value, raw)?;
-            let corrupt = |reason: String| StoreError::Corrupt { key: hex(&info.key), reason };
-            let (mut pos, mut found) = (0, 0u64);
-            let result = loop {
-                if pos >= raw.len() {
-                    break Ok(());
+        let file = &file;
+        let corrupt = |reason: String| StoreError::Corrupt { key: hex(&info.key), reason };
+        let len = u64::from(info.len);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let result = (|| {
+                let Scratch { probe, run, dict, raw, ranges } = scratch;
+                read_into(&file, info.offset, len.min(BATCH_PROBE_BYTES as u64), probe)
+                    .map_err(read_err)?;
+                if probe.first() != Some(&BATCH_VERSION) {
+                    // An older batch: one block, no keys.
+                    read_into(&file, info.offset, len, probe).map_err(read_err)?;
+                    inflate_into(&info.key, probe, raw)?;
+                    let whole = batch::Chunk {
+                        first_record: 0,
+                        records: info.count,
+                        raw_len: raw.len() as u32,
+                        stored: 0..len,
+                        crc: 0,
+                    };
+                    // Whether `visit` stopped early or not, the batch is done.
+                    let _ = visit_chunk(&whole, raw, None, reverse, ranges, &mut visit)
+                        .map_err(corrupt)?;
+                    return Ok(());
                 }
-                match qlog_rpc::query::RecordView::parse(&raw[pos..]) {
-                    Ok(view) => {
-                        pos += view.bytes.len();
-                        found += 1;
-                        visit(view);
+                let need = batch::FIXED_LEN + batch::head_len(probe).map_err(corrupt)?;
+                if need as u64 > len {
+                    return Err(corrupt(format!("a head of {need} bytes in a batch of {len}")));
+                }
+                if need > probe.len() {
+                    read_into(&file, info.offset, need as u64, probe).map_err(read_err)?;
+                }
+                let head = batch::Head::parse(&probe[..need], len).map_err(corrupt)?;
+                if head.columns.len() != info.count as usize {
+                    return Err(corrupt(format!(
+                        "index says {} records, the head {}",
+                        info.count,
+                        head.columns.len()
+                    )));
+                }
+                let wanted = candidates(&head.columns);
+                let wanted = wanted.as_deref();
+                let chunk_wanted: Vec<bool> = head
+                    .chunks
+                    .iter()
+                    .map(|c| {
+                        let records =
+                            c.first_record as usize..(c.first_record + c.records) as usize;
+                        wanted.is_none_or(|w| w.get(records).is_some_and(|w| w.contains(&true)))
+                    })
+                    .collect();
+                if !chunk_wanted.contains(&true) {
+                    return Ok(());
+                }
+                // Bytes of the value in `probe` (its first bytes) or in `run` (at run_at).
+                let mut run_at = 0u64;
+                run.clear();
+                let stored = |c: &batch::Chunk,
+                              run: &'_ Vec<u8>,
+                              run_at: u64|
+                 -> Option<(usize, usize)> {
+                    if c.stored.end <= probe.len() as u64 {
+                        Some((c.stored.start as usize, c.stored.end as usize))
+                    } else if c.stored.start >= run_at && c.stored.end <= run_at + run.len() as u64
+                    {
+                        Some(((c.stored.start - run_at) as usize, (c.stored.end - run_at) as usize))
+                    } else {
+                        None
                     }
-                    Err(e) => break Err(corrupt(format!("record: {e}"))),
+                };
+                let chunks = &head.chunks;
+                // Chunk 0 holds the dictionary of the others.
+                let first = &chunks[0];
+                if stored(first, run, run_at).is_none() {
+                    read_range(&file, info.offset, &first.stored, run).map_err(read_err)?;
+                    run_at = first.stored.start;
                 }
-            };
-            if raw.capacity() > KEEP_RAW_BYTES {
-                *raw = Vec::new();
-            }
-            result?;
-            if found != u64::from(info.count) {
-                return Err(corrupt(format!("index says {} records, found {found}", info.count)));
-            }
-            Ok(true)
+                let (a, b) = stored(first, run, run_at).expect("just read");
+                let bytes =
+                    if first.stored.end <= probe.len() as u64 { &probe[a..b] } else { &run[a..b] };
+                batch::inflate_chunk(first, bytes, &[], dict).map_err(corrupt)?;
+                let order: Box<dyn Iterator<Item = usize>> = if reverse {
+                    Box::new((0..chunks.len()).rev())
+                } else {
+                    Box::new(0..chunks.len())
+                };
+                for i in order.filter(|&i| chunk_wanted[i]) {
+                    let c = &chunks[i];
+                    let flow = if i == 0 {
+                        visit_chunk(c, dict, wanted, reverse, ranges, &mut visit)
+                    } else {
+                        if stored(c, run, run_at).is_none() {
+                            // Read ahead over the next wanted chunks, in walking order.
+                            let (mut lo, mut hi) = (i, i);
+                            let next =
+                                |j: usize| if reverse { j.checked_sub(1) } else { Some(j + 1) };
+                            while let Some(j) = next(if reverse { lo } else { hi }) {
+                                if j == 0 || j >= chunks.len() || !chunk_wanted[j] {
+                                    break;
+                                }
+                                let (l, h) = if reverse { (j, hi) } else { (lo, j) };
+                                if chunks[h].stored.end - chunks[l].stored.start > BATCH_READ_BYTES
+                                {
+                                    break;
+                                }
+                                (lo, hi) = (l, h);
+                            }
+                            let range = chunks[lo].stored.start..chunks[hi].stored.end;
+                            read_range(&file, info.offset, &range, run).map_err(read_err)?;
+                            run_at = range.start;
+                        }
+                        let (a, b) = stored(c, run, run_at).expect("just read");
+                        let bytes = if c.stored.end <= probe.len() as u64 {
+                            &probe[a..b]
+                        } else {
+                            &run[a..b]
+                        };
+                        batch::inflate_chunk(c, bytes, dict, raw).map_err(corrupt)?;
+                        visit_chunk(c, raw, wanted, reverse, ranges, &mut visit)
+                    };
+                    if flow.map_err(corrupt)?.is_break() {
+                        break;
+                    }
+                }
+                Ok(())
+            })();
+            scratch.shrink();
+            result.map(|()| true)
         })
     }
 
@@ -1030,6 +1141,106 @@ impl StoreWriter {
     }
 }
 
+/// The segment file a reader of batches read last, kept open for its next batch. Keep
+/// one for a short run of reads only: an open file that a trim has since removed
+/// still takes its space on disk until it is closed.
+#[derive(Default)]
+pub struct SegmentFiles {
+    last: Option<(String, u64, File)>,
+}
+
+/// The buffers each query thread reads batches into: a batch is up to a few MiB, and
+/// fresh pages for every one cost more than decompressing it.
+#[derive(Default)]
+struct Scratch {
+    /// The first bytes of a batch value: its head, and for older batches all of it.
+    probe: Vec<u8>,
+    /// A run of chunks read together.
+    run: Vec<u8>,
+    /// Chunk 0's records, the dictionary of the others.
+    dict: Vec<u8>,
+    raw: Vec<u8>,
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl Scratch {
+    /// Gives back buffers grown past this after use rather than keeping them.
+    const KEEP_BYTES: usize = 16 << 20;
+
+    fn shrink(&mut self) {
+        for buf in [&mut self.probe, &mut self.run, &mut self.dict, &mut self.raw] {
+            if buf.capacity() > Self::KEEP_BYTES {
+                *buf = Vec::new();
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Reads `len` bytes of a segment at `offset` into `buf`, which it replaces.
+fn read_into(file: &File, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.resize(len as usize, 0);
+    file.read_exact_at(buf, offset)
+}
+
+/// Reads `range` of the batch value that starts at `offset` into `buf`.
+fn read_range(
+    file: &File,
+    offset: u64,
+    range: &std::ops::Range<u64>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    read_into(file, offset + range.start, range.end - range.start, buf)
+}
+
+/// Hands `visit` the wanted records of one inflated chunk, in walking order.
+fn visit_chunk(
+    chunk: &batch::Chunk,
+    raw: &[u8],
+    wanted: Option<&[bool]>,
+    reverse: bool,
+    ranges: &mut Vec<std::ops::Range<usize>>,
+    visit: &mut impl FnMut(qlog_rpc::query::RecordView<'_>) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>, String> {
+    use qlog_rpc::query::RecordView;
+    let first = chunk.first_record as usize;
+    let is_wanted = |k: usize| wanted.is_none_or(|w| w.get(first + k).copied().unwrap_or(true));
+    if reverse {
+        batch::split_records(chunk, raw, ranges)?;
+        for (k, range) in ranges.iter().enumerate().rev() {
+            if is_wanted(k) {
+                let view =
+                    RecordView::parse(&raw[range.clone()]).map_err(|e| format!("record: {e}"))?;
+                if visit(view).is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+        }
+        return Ok(ControlFlow::Continue(()));
+    }
+    // Forwards, each record is parsed once, as it is visited.
+    let (mut pos, mut k) = (0, 0usize);
+    while pos < raw.len() {
+        let view = RecordView::parse(&raw[pos..]).map_err(|e| format!("record: {e}"))?;
+        pos += view.bytes.len();
+        let keep = is_wanted(k);
+        k += 1;
+        if k > chunk.records as usize {
+            break;
+        }
+        if keep && visit(view).is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
+    }
+    if k != chunk.records as usize {
+        return Err(format!("index says {} records, found {k}", chunk.records));
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
 /// Decompresses a batch value into its records, in receive-time order.
 pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { key: hex(key), reason };
@@ -1053,8 +1264,8 @@ pub fn decode_batch(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError>
     Ok(records)
 }
 
-/// Checks a batch header and decompresses the records behind it into `raw`, which it
-/// replaces.
+/// Checks a batch header and decompresses all the records behind it into `raw`,
+/// which it replaces.
 fn inflate_into(key: &[u8], value: &[u8], raw: &mut Vec<u8>) -> Result<(), StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { key: hex(key), reason };
     if value.len() < BATCH_HEADER_LEN {
@@ -1065,7 +1276,11 @@ fn inflate_into(key: &[u8], value: &[u8], raw: &mut Vec<u8>) -> Result<(), Store
         return Err(corrupt(format!("claims {raw_len} uncompressed bytes")));
     }
     match value[0] {
-        BATCH_VERSION if value.len() >= BATCH_V2_HEADER_LEN => {
+        BATCH_VERSION => {
+            *raw = batch::inflate_all(value).map_err(corrupt)?;
+            Ok(())
+        }
+        BATCH_VERSION_LZ4 if value.len() >= BATCH_V2_HEADER_LEN => {
             let sum = u32::from_be_bytes(value[25..29].try_into().expect("header checked"));
             let block = &value[BATCH_V2_HEADER_LEN..];
             if crc32fast::hash(block) != sum {
@@ -1277,33 +1492,162 @@ mod tests {
         batch
     }
 
-    #[test]
-    fn zstd_batches_from_before_lz4_stay_readable_beside_new_ones() {
-        let (_dir, store, mut w) = fresh_store();
-        let old = zstd_batch("a", 1, &[record("a", 10, 1), record("a", 11, 2)]);
-        let new = Store::encode_batch("a", 2, &[record("a", 20, 3)]);
-        assert_eq!(new.value[0], BATCH_VERSION);
-        w.commit(&CommitSet { batches: vec![old, new], next_batch_id: 3, ..Default::default() })
-            .unwrap();
-        assert_eq!(seqs(&store, "a", None, None, false), vec![1, 2, 3]);
-        let mut seen = Vec::new();
-        for info in store.batches("a") {
-            store.for_each_record("a", &info.unwrap(), |r| seen.push(r.seq)).unwrap();
+    /// A batch as qlogd wrote it before chunks: one LZ4 block behind its CRC-32.
+    fn lz4_batch(vm: &str, batch_id: u64, records: &[Record]) -> NewBatch {
+        let mut batch = Store::encode_batch(vm, batch_id, records);
+        let mut raw = Vec::new();
+        for r in records {
+            r.encode(&mut raw);
         }
-        assert_eq!(seen, vec![1, 2, 3]);
+        let block = lz4_flex::block::compress(&raw);
+        let mut value = batch.value[..BATCH_HEADER_LEN].to_vec();
+        value[0] = BATCH_VERSION_LZ4;
+        value.extend_from_slice(&crc32fast::hash(&block).to_be_bytes());
+        value.extend_from_slice(&block);
+        batch.value = value;
+        batch
+    }
+
+    /// Every record `for_each_record` visits, wanting all of them.
+    fn visited(store: &Store, vm: &str, reverse: bool) -> Vec<u64> {
+        let mut seen = Vec::new();
+        for info in store.scan(vm, None, None, reverse) {
+            let visit = |r: qlog_rpc::query::RecordView<'_>| {
+                seen.push(r.seq);
+                ControlFlow::Continue(())
+            };
+            assert!(store
+                .for_each_record(
+                    &mut SegmentFiles::default(),
+                    vm,
+                    &info.unwrap(),
+                    reverse,
+                    |_| None,
+                    visit
+                )
+                .unwrap());
+        }
+        seen
     }
 
     #[test]
-    fn a_changed_byte_in_an_lz4_block_is_reported_as_corruption() {
+    fn batches_from_before_chunks_stay_readable_beside_new_ones() {
+        let (_dir, store, mut w) = fresh_store();
+        let zstd = zstd_batch("a", 1, &[record("a", 10, 1), record("a", 11, 2)]);
+        let lz4 = lz4_batch("a", 2, &[record("a", 15, 3), record("a", 16, 4)]);
+        let new = Store::encode_batch("a", 3, &[record("a", 20, 5)]);
+        assert_eq!(new.value[0], BATCH_VERSION);
+        let batches = vec![zstd, lz4, new];
+        w.commit(&CommitSet { batches, next_batch_id: 4, ..Default::default() }).unwrap();
+        assert_eq!(seqs(&store, "a", None, None, false), vec![1, 2, 3, 4, 5]);
+        assert_eq!(visited(&store, "a", false), vec![1, 2, 3, 4, 5]);
+        assert_eq!(visited(&store, "a", true), vec![5, 4, 3, 2, 1]);
+    }
+
+    /// Records big enough that a batch of them spans many chunks; `PRIORITY` is 3 for
+    /// every seventh, 6 for the others.
+    fn chunky(vm: &str, n: u64) -> Vec<Record> {
+        (0..n)
+            .map(|i| {
+                let mut r = record(vm, 1_000 + i, i + 1);
+                r.event.push("PRIORITY", if i % 7 == 0 { "3" } else { "6" });
+                r.event.push("FILLER", format!("{i:>600}"));
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_wanted_records_are_visited_and_a_reader_can_stop_early() {
+        let (_dir, store, mut w) = fresh_store();
+        let records = chunky("a", 200);
+        let batch = Store::encode_batch("a", 1, &records);
+        let head_len = batch::head_len(&batch.value).unwrap();
+        let head = batch::Head::parse(
+            &batch.value[..batch::FIXED_LEN + head_len],
+            batch.value.len() as u64,
+        )
+        .unwrap();
+        assert!(head.chunks.len() > 10, "{} chunks", head.chunks.len());
+        w.commit(&CommitSet { batches: vec![batch], next_batch_id: 2, ..Default::default() })
+            .unwrap();
+        let info = store.batches("a").next().unwrap().unwrap();
+        let errors: Vec<u64> = (0..200).filter(|i| i % 7 == 0).map(|i| i + 1).collect();
+        let want_errors = |c: &Columns<'_>| Some(c.iter().map(|k| k.priority == 3).collect());
+        for reverse in [false, true] {
+            let mut seen = Vec::new();
+            let visit = |r: qlog_rpc::query::RecordView<'_>| {
+                seen.push(r.seq);
+                ControlFlow::Continue(())
+            };
+            store
+                .for_each_record(
+                    &mut SegmentFiles::default(),
+                    "a",
+                    &info,
+                    reverse,
+                    want_errors,
+                    visit,
+                )
+                .unwrap();
+            let mut expected = errors.clone();
+            if reverse {
+                expected.reverse();
+            }
+            assert_eq!(seen, expected, "reverse {reverse}");
+        }
+        // The newest five, stopping there; then nothing wanted at all.
+        let mut seen = Vec::new();
+        let visit = |r: qlog_rpc::query::RecordView<'_>| {
+            seen.push(r.seq);
+            if seen.len() == 5 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        store
+            .for_each_record(&mut SegmentFiles::default(), "a", &info, true, |_| None, visit)
+            .unwrap();
+        assert_eq!(seen, vec![200, 199, 198, 197, 196]);
+        let none = |c: &Columns<'_>| Some(vec![false; c.len()]);
+        let visit = |_: qlog_rpc::query::RecordView<'_>| -> ControlFlow<()> {
+            panic!("no record is wanted")
+        };
+        assert!(store
+            .for_each_record(&mut SegmentFiles::default(), "a", &info, false, none, visit)
+            .unwrap());
+    }
+
+    #[test]
+    fn a_changed_byte_in_a_head_or_a_chunk_is_reported_as_corruption() {
         let (dir, store, mut w) = fresh_store();
         commit_batches(&mut w, vec![("a".into(), 1, vec![record("a", 10, 1)])], vec![]);
         let info = store.batches("a").next().unwrap().unwrap();
         let seg = dir.path().join(format!("segments/a/{:016x}.seg", info.segment));
-        let mut bytes = std::fs::read(&seg).unwrap();
-        let at = info.offset as usize + BATCH_V2_HEADER_LEN + 3;
-        bytes[at] ^= 0x20;
-        std::fs::write(&seg, bytes).unwrap();
-        let err = store.for_each_record("a", &info, |_| {}).unwrap_err();
+        let bytes = std::fs::read(&seg).unwrap();
+        let at = info.offset as usize;
+        let chunks_at = at + batch::FIXED_LEN + batch::head_len(&bytes[at..]).unwrap();
+        let all = |_: &Columns<'_>| None;
+        let visit = |_: qlog_rpc::query::RecordView<'_>| ControlFlow::Continue(());
+        // A changed byte in the head, then in a chunk.
+        for (place, expect) in [
+            (at + batch::FIXED_LEN + 2, "head checksum"),
+            (chunks_at + 3, "checksum mismatch in the chunk"),
+        ] {
+            let mut changed = bytes.clone();
+            changed[place] ^= 0x20;
+            std::fs::write(&seg, changed).unwrap();
+            let err = store
+                .for_each_record(&mut SegmentFiles::default(), "a", &info, false, all, visit)
+                .unwrap_err();
+            assert!(err.to_string().contains(expect), "{err}");
+        }
+        // And in an LZ4 batch from before chunks.
+        let old = lz4_batch("a", 1, &[record("a", 10, 1)]);
+        let mut value = old.value.clone();
+        value[BATCH_V2_HEADER_LEN + 3] ^= 0x20;
+        let err = inflate_into(b"k", &value, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         let future = {
             let mut b = Store::encode_batch("a", 2, &[record("a", 20, 2)]);
@@ -1369,7 +1713,10 @@ mod tests {
         let old: Vec<Vec<u8>> = listed.iter().map(|b| b.key.clone()).collect();
         commit_batches(&mut w, vec![], old);
         // A query that listed the batch before it was trimmed finds it gone, not damaged.
-        assert!(!store.for_each_record("a", &listed[0], |_| {}).unwrap());
+        let visit = |_: qlog_rpc::query::RecordView<'_>| ControlFlow::Continue(());
+        assert!(!store
+            .for_each_record(&mut SegmentFiles::default(), "a", &listed[0], false, |_| None, visit)
+            .unwrap());
         assert_eq!(seqs(&store, "a", None, None, false), vec![3, 4]);
         let files = std::fs::read_dir(dir.path().join("segments/a")).unwrap().count();
         assert_eq!(files, 2, "the two oldest segment files of a are gone");

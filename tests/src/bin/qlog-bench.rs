@@ -66,6 +66,11 @@ struct Options {
     flood_burst: u64,
     /// Alternating on/off pairs in `telemetry`; by default 5.
     pairs: usize,
+    /// `query`: keep the journal files here and reuse them when a later run asks for
+    /// the same events (journal-remote's writing is most of a long run's setup).
+    journal_cache: Option<PathBuf>,
+    /// `query`: the cases to run, by key (see [`query_cases`]); all by default.
+    cases: Option<Vec<String>>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +89,8 @@ fn main() -> anyhow::Result<()> {
         flood_rate: 1_000,
         flood_burst: 10_000,
         pairs: TELEMETRY_RUNS,
+        journal_cache: None,
+        cases: None,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -99,7 +106,9 @@ fn main() -> anyhow::Result<()> {
             "--flood-rate" => opts.flood_rate = args.next().context("--flood-rate needs a number")?.parse()?,
             "--flood-burst" => opts.flood_burst = args.next().context("--flood-burst needs a number")?.parse()?,
             "--pairs" => opts.pairs = args.next().context("--pairs needs a number")?.parse()?,
-            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|telemetry|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--rounds N] [--flooder-nice N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep]"),
+            "--journal-cache" => opts.journal_cache = Some(args.next().context("--journal-cache needs a directory")?.into()),
+            "--cases" => opts.cases = Some(args.next().context("--cases needs a list like tail,filter")?.split(',').map(str::to_owned).collect()),
+            other => bail!("unknown option {other}; usage: qlog-bench [ingest|query|flood|telemetry|all] [--events N] [--vms 1,8] [--runs N] [--seconds N] [--rounds N] [--flooder-nice N] [--flood-rate N] [--flood-burst N] [--seed N] [--out DIR] [--keep] [--journal-cache DIR] [--cases tail,filter,window,grep,dump]"),
         }
     }
     match what.as_str() {
@@ -641,6 +650,8 @@ const JOURNALCTL: &str = "journalctl";
 
 /// One question asked of both systems.
 struct QueryCase {
+    /// What `--cases` calls it.
+    key: &'static str,
     name: &'static str,
     qlog: Vec<String>,
     journalctl: Vec<String>,
@@ -685,10 +696,16 @@ fn query(opts: &Options) -> anyhow::Result<()> {
 
     // The same events twice, before any clock starts: journal files, then qlogd.
     let t = Instant::now();
-    let journal_dir = work.join("journal");
-    std::fs::create_dir_all(&journal_dir)?;
-    let written =
-        write_journal(&journal_dir.join("remote.journal"), &names, per_vm, opts.seed, spacing)?;
+    let (journal_dir, written) = match &opts.journal_cache {
+        Some(cache) => cached_journal(cache, &names, per_vm, opts.seed, spacing)?,
+        None => {
+            let dir = work.join("journal");
+            std::fs::create_dir_all(&dir)?;
+            let written =
+                write_journal(&dir.join("remote.journal"), &names, per_vm, opts.seed, spacing)?;
+            (dir, written)
+        }
+    };
     let (first_realtime, last_realtime) = (written.first, written.last);
     // journalctl's last hour, and where it starts in each VM's stream: qlogd receives
     // each VM's entries before that point, then a clock reading, then the rest, so that
@@ -739,8 +756,16 @@ fn query(opts: &Options) -> anyhow::Result<()> {
         ),
     );
 
+    if let Some(wanted) = &opts.cases {
+        if let Some(bad) = wanted.iter().find(|w| !cases.iter().any(|c| c.key == w.as_str())) {
+            let keys: Vec<&str> = cases.iter().map(|c| c.key).collect();
+            bail!("unknown case {bad}; the cases are {}", keys.join(", "));
+        }
+    }
     let mut results = Vec::new();
-    for case in &cases {
+    for case in
+        cases.iter().filter(|c| opts.cases.as_ref().is_none_or(|w| w.iter().any(|w| w == c.key)))
+    {
         let mut qlog_args = vec!["--socket".to_owned(), sink.query_socket.display().to_string()];
         qlog_args.extend(case.qlog.iter().cloned());
         let mut journalctl_args = source.clone();
@@ -816,26 +841,31 @@ fn query_cases(
     let pattern = "export file [0-9a-f]+: permission";
     vec![
         QueryCase {
+            key: "tail",
             name: "tail one VM, -n 100",
             qlog: v(&["tail", vm, "-n", "100", "--no-follow"]),
             journalctl: v(&["-n", "100", &format!("_HOSTNAME={vm}")]),
         },
         QueryCase {
+            key: "filter",
             name: "err + unit + last hour",
             qlog: v(&["query", "-p", "err", "-u", "qubes-qrexec-agent", "-S", &hour.0]),
             journalctl: v(&["-p", "err", "-u", "qubes-qrexec-agent", "-S", &hour.1]),
         },
         QueryCase {
+            key: "window",
             name: "1% time window",
             qlog: v(&["query", "-S", &qlog_window.0, "-U", &qlog_window.1]),
             journalctl: v(&["-S", &journal_window.0, "-U", &journal_window.1]),
         },
         QueryCase {
+            key: "grep",
             name: "regex scan (-g)",
             qlog: v(&["query", "-g", pattern]),
             journalctl: v(&["-g", pattern]),
         },
         QueryCase {
+            key: "dump",
             name: "full -o json dump",
             qlog: v(&["query", "-o", "json"]),
             journalctl: v(&["-o", "json"]),
@@ -965,6 +995,55 @@ struct Written {
     first: u64,
     last: u64,
     realtimes: Vec<Vec<u64>>,
+}
+
+/// The journal of these events in `cache`, written there first if it does not hold
+/// them yet: `params.json` says which events a cached journal holds.
+fn cached_journal(
+    cache: &Path,
+    names: &[String],
+    per_vm: u64,
+    seed: u64,
+    spacing: u64,
+) -> anyhow::Result<(PathBuf, Written)> {
+    let params =
+        serde_json::json!({ "vms": names, "per_vm": per_vm, "seed": seed, "spacing": spacing });
+    let params_path = cache.join("params.json");
+    let dir = cache.join("journal");
+    let have = std::fs::read(&params_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if have.as_ref() == Some(&params) && !journal_files(&dir)?.is_empty() {
+        println!("journal: reusing {}", dir.display());
+        return Ok((dir, generated_realtimes(names, per_vm, seed, spacing)));
+    }
+    let _ = std::fs::remove_file(&params_path);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let written = write_journal(&dir.join("remote.journal"), names, per_vm, seed, spacing)?;
+    std::fs::write(&params_path, serde_json::to_vec_pretty(&params)?)?;
+    Ok((dir, written))
+}
+
+/// What [`write_journal`] returns, without writing: the workload is deterministic.
+fn generated_realtimes(names: &[String], per_vm: u64, seed: u64, spacing: u64) -> Written {
+    let realtimes: Vec<Vec<u64>> = names
+        .iter()
+        .map(|n| {
+            let mut w = Workload::new(seed, n).spaced(spacing);
+            (0..per_vm)
+                .map(|_| {
+                    let e = w.next_event();
+                    e.get_str("__REALTIME_TIMESTAMP")
+                        .and_then(|t| t.parse().ok())
+                        .expect("the workload stamps every event")
+                })
+                .collect()
+        })
+        .collect();
+    let first = realtimes.iter().filter_map(|t| t.first().copied()).min().unwrap_or(u64::MAX);
+    let last = realtimes.iter().filter_map(|t| t.last().copied()).max().unwrap_or(0);
+    Written { first, last, realtimes }
 }
 
 /// Writes every VM's events, merged in time order as one journald would have them, into

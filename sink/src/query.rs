@@ -371,8 +371,10 @@ struct Job<'a> {
 
 /// A cursor gathers batches into one job until they hold this many stored bytes: a job
 /// is a handoff to a worker and back, which costs a wake-up each way, so a job should be
-/// worth more than one small batch (one megabyte of records stores as some 200 KB).
-const JOB_STORED_BYTES: u64 = 1 << 20;
+/// worth more than one small batch. A job's matches are held until the merge takes
+/// them, and every cursor has one job queued ahead of the one being merged, so this
+/// also bounds a query's memory: one megabyte of records stores as some 200 KB.
+const JOB_STORED_BYTES: u64 = 256 * 1024;
 
 /// The decode workers of one query, shared by all its VMs' cursors.
 struct Pool<'a> {
@@ -527,6 +529,8 @@ struct VmCursor<'a> {
     jobs: std::sync::mpsc::Sender<Job<'a>>,
     pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
     depth: usize,
+    /// A scan error met while queueing ahead, reported once the jobs before it are.
+    failed: Option<StoreError>,
     current: Batch,
     next: usize,
 }
@@ -542,13 +546,18 @@ impl<'a> VmCursor<'a> {
             jobs: pool.jobs.clone(),
             pending: Default::default(),
             depth: pool.workers.div_ceil(vms.max(1)),
+            failed: None,
             current: Batch::default(),
             next: 0,
         }
     }
 
-    /// The next decoded batch in walking order; `None` at the end of the VM's range.
-    fn next_batch(&mut self) -> Option<BatchResult> {
+    /// Queues jobs until `depth` of them are in the pool: at the start, and after each
+    /// result taken, so the next batches decode while the merge consumes this one.
+    fn fill(&mut self) -> Result<(), StoreError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         while self.pending.len() < self.depth {
             let mut infos = Vec::new();
             let mut stored = 0;
@@ -558,7 +567,12 @@ impl<'a> VmCursor<'a> {
                         stored += info.stored_len();
                         infos.push(info);
                     }
-                    Some(Err(e)) => return Some(Err(e)),
+                    Some(Err(e)) if infos.is_empty() => return Err(e),
+                    Some(Err(e)) => {
+                        // The batches before it are still this VM's next results.
+                        self.failed = Some(e);
+                        break;
+                    }
                     None => break,
                 }
             }
@@ -569,9 +583,27 @@ impl<'a> VmCursor<'a> {
             let job = Job { vm: self.vm, source: self.source, infos, reply };
             self.jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
             self.pending.push_back(result);
+            if self.failed.is_some() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next decoded batches in walking order; `None` at the end of the VM's range.
+    fn next_batch(&mut self) -> Option<BatchResult> {
+        if self.pending.is_empty() {
+            if let Err(e) = self.fill() {
+                return Some(Err(e));
+            }
         }
         let result = self.pending.pop_front()?;
-        Some(result.recv().expect(WORKERS_OUTLIVE_CURSOR))
+        let batch = result.recv().expect(WORKERS_OUTLIVE_CURSOR);
+        if let Err(e) = self.fill() {
+            // Reported after this batch's matches, where it belongs in the walk.
+            self.failed = Some(e);
+        }
+        Some(batch)
     }
 
     /// Moves to the next match; false at the end of the VM's range.
@@ -656,6 +688,12 @@ impl<'a> Merge<'a> {
     fn next_match(&mut self, take: impl FnOnce(&[u8])) -> Result<bool, StoreError> {
         if !self.primed {
             self.primed = true;
+            // Every cursor's first jobs go to the pool before the merge waits on any.
+            for cursor in &mut self.cursors {
+                if let Err(e) = cursor.fill() {
+                    cursor.failed = Some(e);
+                }
+            }
             for source in 0..self.cursors.len() {
                 self.push(source)?;
             }

@@ -51,7 +51,7 @@ pub const FIXED_LEN: usize = COMMON_HEADER_LEN + 8;
 /// Chunk 0, the dictionary of the others, ends at the first record boundary past this.
 pub const DICT_CHUNK_BYTES: usize = 16 * 1024;
 /// Later chunks end at the first record boundary past this.
-pub const CHUNK_BYTES: usize = 8 * 1024;
+pub const CHUNK_BYTES: usize = 4 * 1024;
 /// A record without the field: it fails every filter on it.
 pub const KEY_NONE: u8 = 0;
 /// The keys cannot tell: the record must be read.

@@ -127,7 +127,9 @@ async fn serve(
         .with_max_handshakes(config.max_handshakes)
         .with_idle_timeout(config.idle_timeout),
     );
-    let query_ctx = Arc::new(QueryContext { store: store.clone(), shared: Arc::clone(&shared) });
+    let pool = crate::query::DecodePool::per_core().context("cannot start the decode workers")?;
+    let query_ctx =
+        Arc::new(QueryContext { store: store.clone(), shared: Arc::clone(&shared), pool });
 
     // Retention ticks hold only a weak sender, so they never keep the committer alive.
     let weak = commit_tx.downgrade();

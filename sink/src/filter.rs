@@ -147,38 +147,19 @@ impl CompiledFilter {
                 *ok = (lo as usize..=hi as usize).contains(&p);
             }
         }
-        // For each key value: may a record with it pass every test on that field?
-        let table = |dict: &[&[u8]], tests: &[&dyn Fn(&[u8]) -> bool]| {
-            let mut ok = [true; 256];
-            if !tests.is_empty() {
-                ok[batch::KEY_NONE as usize] = false;
-                for (i, value) in dict.iter().enumerate() {
-                    ok[i + 1] = tests.iter().all(|t| t(value));
-                }
-            }
-            ok
-        };
-        let unit_pattern = |v: &[u8]| self.units.iter().any(|u| u.matches(v));
-        let unit_value = |v: &[u8]| unit_values.is_some_and(|w| w.iter().any(|w| w == v));
-        let mut unit_tests: Vec<&dyn Fn(&[u8]) -> bool> = Vec::new();
-        if !self.units.is_empty() {
-            unit_tests.push(&unit_pattern);
-        }
-        if unit_values.is_some() {
-            unit_tests.push(&unit_value);
-        }
-        let identifier = |v: &[u8]| self.identifiers.iter().any(|i| i == v);
-        let identifier_value =
-            |v: &[u8]| identifier_values.is_some_and(|w| w.iter().any(|w| w == v));
-        let mut identifier_tests: Vec<&dyn Fn(&[u8]) -> bool> = Vec::new();
-        if !self.identifiers.is_empty() {
-            identifier_tests.push(&identifier);
-        }
-        if identifier_values.is_some() {
-            identifier_tests.push(&identifier_value);
-        }
-        let unit = table(&columns.units, &unit_tests);
-        let ident = table(&columns.identifiers, &identifier_tests);
+        let unit =
+            key_table(&columns.units, !self.units.is_empty() || unit_values.is_some(), |v| {
+                (self.units.is_empty() || self.units.iter().any(|u| u.matches(v)))
+                    && unit_values.is_none_or(|w| w.iter().any(|w| w == v))
+            });
+        let ident = key_table(
+            &columns.identifiers,
+            !self.identifiers.is_empty() || identifier_values.is_some(),
+            |v| {
+                (self.identifiers.is_empty() || self.identifiers.iter().any(|i| i == v))
+                    && identifier_values.is_none_or(|w| w.iter().any(|w| w == v))
+            },
+        );
         Some(
             columns
                 .iter()
@@ -208,6 +189,19 @@ impl CompiledFilter {
             trusted && self.units.iter().any(|u| u.matches(value))
         })
     }
+}
+
+/// For each value of a record key: may a record with it pass the tests on that field?
+/// `asked` is false when the filter has none, and then every value may.
+fn key_table(dict: &[&[u8]], asked: bool, passes: impl Fn(&[u8]) -> bool) -> [bool; 256] {
+    let mut ok = [true; 256];
+    if asked {
+        ok[batch::KEY_NONE as usize] = false;
+        for (i, value) in dict.iter().enumerate() {
+            ok[i + 1] = passes(value);
+        }
+    }
+    ok
 }
 
 fn parse_priority(v: &[u8]) -> Option<u8> {

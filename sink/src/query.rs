@@ -44,6 +44,7 @@ const MAX_LIMIT: u64 = 1_000_000;
 pub struct QueryContext {
     pub store: Store,
     pub shared: Arc<Shared>,
+    pub pool: DecodePool,
 }
 
 pub async fn serve(stream: UnixStream, ctx: Arc<QueryContext>) {
@@ -276,15 +277,15 @@ async fn run_events(
     let filter = Arc::new(filter);
 
     let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
-    let store = ctx.store.clone();
-    let history_filter = Arc::clone(&filter);
-    let (limit, reverse) = (q.limit, q.reverse);
-    let producer = tokio::task::spawn_blocking(move || {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let walk =
-            Walk { store: &store, filter: &history_filter, watermark, reverse, per_batch: None };
-        history(walk, &vms, limit, workers, &tx)
-    });
+    let walk = Walk {
+        store: ctx.store.clone(),
+        filter: Arc::clone(&filter),
+        watermark,
+        reverse: q.reverse,
+        per_batch: None,
+    };
+    let (limit, pool) = (q.limit, ctx.pool.clone());
+    let producer = tokio::task::spawn_blocking(move || history(walk, &vms, limit, &pool, &tx));
     while let Some(chunk) = rx.recv().await {
         let chunk = chunk.map_err(|m| (ErrorCode::Internal, m))?;
         if wr.write_all(&chunk).await.is_err() {
@@ -301,72 +302,57 @@ async fn run_events(
     Ok(())
 }
 
-/// Streams the stored matches, decoded by a pool of `workers` threads (at least one);
-/// returns how many there were.
+/// Streams the stored matches, decoded by the pool's workers; returns how many there
+/// were.
 fn history(
-    walk: Walk<'_>,
+    walk: Walk,
     vms: &[String],
     limit: Option<u64>,
-    workers: usize,
+    pool: &DecodePool,
     tx: &mpsc::Sender<Result<Vec<u8>, String>>,
 ) -> u64 {
     let mut out = FrameSink { tx, buf: Vec::with_capacity(SEND_CHUNK), open: true };
     let mut matched = 0u64;
     let reverse = walk.reverse;
-    let walk = match limit {
+    let walk = Arc::new(match limit {
         Some(n) => walk.newest(n),
         None => walk,
-    };
-    // The workers borrow the store and filter; the scope joins them. They stop once every
-    // sender of jobs is gone: the cursors' go with the merge, the pool's own right here.
-    std::thread::scope(|scope| {
-        let pool = Pool::start(scope, walk, workers);
-        let mut merge = Merge::new(walk, vms, &pool);
-        drop(pool);
-        match limit {
-            // The last N matches: walk backwards until N are found, then send them in
-            // the requested order.
-            Some(n) => {
-                let mut found: Vec<Vec<u8>> = Vec::new();
-                while (found.len() as u64) < n {
-                    match merge.next_match(|bytes| found.push(bytes.to_vec())) {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(e) => return out.fail(e),
-                    }
-                }
-                drop(merge);
-                if !reverse {
-                    found.reverse();
-                }
-                for r in &found {
-                    matched += 1;
-                    out.record(r);
-                }
-            }
-            None => loop {
-                match merge.next_match(|bytes| out.record(bytes)) {
-                    Ok(true) => matched += 1,
+    });
+    let mut merge = Merge::new(&walk, vms, pool);
+    match limit {
+        // The last N matches: walk backwards until N are found, then send them in the
+        // requested order.
+        Some(n) => {
+            let mut found: Vec<Vec<u8>> = Vec::new();
+            while (found.len() as u64) < n {
+                match merge.next_match(|bytes| found.push(bytes.to_vec())) {
+                    Ok(true) => {}
                     Ok(false) => break,
                     Err(e) => return out.fail(e),
                 }
-                if !out.open {
-                    break;
-                }
-            },
+            }
+            drop(merge);
+            if !reverse {
+                found.reverse();
+            }
+            for r in &found {
+                matched += 1;
+                out.record(r);
+            }
         }
-        out.flush();
-        matched
-    })
-}
-
-/// Consecutive batches of one VM, in walking order, for the pool to decode as one
-/// result, and where that result goes.
-struct Job<'a> {
-    vm: &'a str,
-    source: usize,
-    infos: Vec<BatchInfo>,
-    reply: std::sync::mpsc::Sender<BatchResult>,
+        None => loop {
+            match merge.next_match(|bytes| out.record(bytes)) {
+                Ok(true) => matched += 1,
+                Ok(false) => break,
+                Err(e) => return out.fail(e),
+            }
+            if !out.open {
+                break;
+            }
+        },
+    }
+    out.flush();
+    matched
 }
 
 /// A cursor gathers batches into one job until they hold this many stored bytes: a job
@@ -376,36 +362,59 @@ struct Job<'a> {
 /// also bounds a query's memory: one megabyte of records stores as some 200 KB.
 const JOB_STORED_BYTES: u64 = 256 * 1024;
 
-/// The decode workers of one query, shared by all its VMs' cursors.
-struct Pool<'a> {
-    jobs: std::sync::mpsc::Sender<Job<'a>>,
+type Task = Box<dyn FnOnce() + Send>;
+
+/// The decode workers all queries share: started once with qlogd, one per core, so a
+/// query neither starts threads nor meets cold buffers. Each cursor keeps at most a
+/// couple of jobs queued, so one query's scan delays another's jobs by a few
+/// milliseconds at most.
+#[derive(Clone)]
+pub struct DecodePool {
+    tasks: std::sync::mpsc::Sender<Task>,
     workers: usize,
 }
 
-impl<'a> Pool<'a> {
-    fn start<'s>(
-        scope: &'s std::thread::Scope<'s, 'a>,
-        walk: Walk<'a>,
-        workers: usize,
-    ) -> Pool<'a> {
+impl DecodePool {
+    /// Starts `workers` threads (at least one); they end when the last clone of the pool
+    /// is dropped.
+    pub fn start(workers: usize) -> std::io::Result<DecodePool> {
         let workers = workers.max(1);
-        let (jobs, queue) = std::sync::mpsc::channel::<Job<'a>>();
+        let (tasks, queue) = std::sync::mpsc::channel::<Task>();
         let queue = Arc::new(std::sync::Mutex::new(queue));
-        for _ in 0..workers {
+        for i in 0..workers {
             let queue = Arc::clone(&queue);
-            scope.spawn(move || loop {
+            std::thread::Builder::new().name(format!("qlogd-decode-{i}")).spawn(move || loop {
                 // Holding the lock while waiting is fine: whoever holds it takes the next
-                // job, and every worker sees the queue close in turn.
-                let job = match queue.lock() {
+                // task, and every worker sees the queue close in turn.
+                let task = match queue.lock() {
                     Ok(queue) => queue.recv(),
                     Err(_) => return,
                 };
-                let Ok(job) = job else { return };
-                // The cursor may have gone (the client hung up); nobody wants the result.
-                let _ = job.reply.send(walk.batches(job.vm, job.source, &job.infos));
-            });
+                let Ok(task) = task else { return };
+                task();
+            })?;
         }
-        Pool { jobs, workers }
+        Ok(DecodePool { tasks, workers })
+    }
+
+    /// One worker per core.
+    pub fn per_core() -> std::io::Result<DecodePool> {
+        DecodePool::start(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Decodes consecutive batches of one VM on a worker; the result arrives on `reply`.
+    fn submit(
+        &self,
+        walk: &Arc<Walk>,
+        vm: &str,
+        source: usize,
+        infos: Vec<BatchInfo>,
+        reply: std::sync::mpsc::Sender<BatchResult>,
+    ) {
+        let (walk, vm) = (Arc::clone(walk), vm.to_owned());
+        // The cursor may have gone (the client hung up); nobody wants the result then.
+        let task = move || drop(reply.send(walk.batches(&vm, source, &infos)));
+        self.tasks.send(Box::new(task)).expect(WORKERS_OUTLIVE_POOL);
     }
 }
 
@@ -441,10 +450,9 @@ impl FrameSink<'_> {
 
 /// How a query reads the store: which batches it may see, in which direction, and
 /// which records it keeps.
-#[derive(Clone, Copy)]
-struct Walk<'a> {
-    store: &'a Store,
-    filter: &'a CompiledFilter,
+struct Walk {
+    store: Store,
+    filter: Arc<CompiledFilter>,
     /// Batches committed after it reach a follower live instead.
     watermark: u64,
     reverse: bool,
@@ -452,7 +460,7 @@ struct Walk<'a> {
     per_batch: Option<u64>,
 }
 
-impl Walk<'_> {
+impl Walk {
     /// The walk that finds the newest `n` matches: backwards, at most `n` from a batch.
     fn newest(self, n: u64) -> Self {
         Walk { reverse: true, per_batch: Some(n), ..self }
@@ -464,7 +472,7 @@ impl Walk<'_> {
     /// records it may want are inflated.
     fn batches(&self, vm: &str, source: usize, infos: &[BatchInfo]) -> Result<Batch, StoreError> {
         let mut batch = Batch::default();
-        let filter = self.filter;
+        let filter = &*self.filter;
         // The batches are consecutive in walking order, so the newest N of them all are
         // all a walk for the newest N can use.
         let mut left = self.per_batch.unwrap_or(u64::MAX);
@@ -515,20 +523,27 @@ struct Item {
 
 type BatchResult = Result<Batch, StoreError>;
 
-/// The pool's workers only return once every cursor has dropped its sender of jobs (a
-/// panic aborts the process), so a live cursor always reaches them.
-const WORKERS_OUTLIVE_CURSOR: &str = "decode workers outlive the cursor that feeds them";
+/// The pool's workers only return once every clone of the pool has gone (a panic aborts
+/// the process), and a query holds one.
+const WORKERS_OUTLIVE_POOL: &str = "decode workers outlive their pool";
+/// A task always sends its result (or is dropped, with its sender, only by a worker
+/// that is gone: see [`WORKERS_OUTLIVE_POOL`]).
+const TASKS_REPLY: &str = "a decode task replies before it ends";
 
 /// One VM's matching records in time order (or reverse), a batch at a time.
 struct VmCursor<'a> {
     vm: &'a str,
     source: usize,
     batches: Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + 'a>,
-    /// The pool, and the results of the batches queued to it, in scan order: up to
-    /// `depth` of them.
-    jobs: std::sync::mpsc::Sender<Job<'a>>,
+    walk: &'a Arc<Walk>,
+    /// The pool, and the results of the jobs queued to it, in scan order: up to `depth`
+    /// of them.
+    pool: &'a DecodePool,
     pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
     depth: usize,
+    full_depth: usize,
+    /// Results taken so far.
+    taken: usize,
     /// A scan error met while queueing ahead, reported once the jobs before it are.
     failed: Option<StoreError>,
     current: Batch,
@@ -537,15 +552,26 @@ struct VmCursor<'a> {
 
 impl<'a> VmCursor<'a> {
     /// `vms` is how many cursors share the pool: together they keep every worker busy.
-    fn new(walk: Walk<'a>, vm: &'a str, source: usize, pool: &Pool<'a>, vms: usize) -> Self {
-        let filter = walk.filter;
+    fn new(
+        walk: &'a Arc<Walk>,
+        vm: &'a str,
+        source: usize,
+        pool: &'a DecodePool,
+        vms: usize,
+    ) -> Self {
+        let filter = &walk.filter;
         VmCursor {
             vm,
             source,
             batches: walk.store.scan(vm, filter.since_usec, filter.until_usec, walk.reverse),
-            jobs: pool.jobs.clone(),
+            walk,
+            pool,
             pending: Default::default(),
-            depth: pool.workers.div_ceil(vms.max(1)),
+            // A walk for the newest N will likely stop within its first job: it queues
+            // more only once it has needed a second.
+            depth: if walk.per_batch.is_some() { 1 } else { pool.workers.div_ceil(vms.max(1)) },
+            full_depth: pool.workers.div_ceil(vms.max(1)),
+            taken: 0,
             failed: None,
             current: Batch::default(),
             next: 0,
@@ -580,8 +606,7 @@ impl<'a> VmCursor<'a> {
                 break;
             }
             let (reply, result) = std::sync::mpsc::channel();
-            let job = Job { vm: self.vm, source: self.source, infos, reply };
-            self.jobs.send(job).expect(WORKERS_OUTLIVE_CURSOR);
+            self.pool.submit(self.walk, self.vm, self.source, infos, reply);
             self.pending.push_back(result);
             if self.failed.is_some() {
                 break;
@@ -598,10 +623,14 @@ impl<'a> VmCursor<'a> {
             }
         }
         let result = self.pending.pop_front()?;
-        let batch = result.recv().expect(WORKERS_OUTLIVE_CURSOR);
-        if let Err(e) = self.fill() {
-            // Reported after this batch's matches, where it belongs in the walk.
-            self.failed = Some(e);
+        let batch = result.recv().expect(TASKS_REPLY);
+        self.taken += 1;
+        if self.walk.per_batch.is_none() || self.taken > 1 {
+            self.depth = self.full_depth;
+            if let Err(e) = self.fill() {
+                // Reported after this batch's matches, where it belongs in the walk.
+                self.failed = Some(e);
+            }
         }
         Some(batch)
     }
@@ -666,7 +695,7 @@ struct Merge<'a> {
 
 impl<'a> Merge<'a> {
     /// `vms` must be sorted, so a VM's index orders as its name does.
-    fn new(walk: Walk<'a>, vms: &'a [String], pool: &Pool<'a>) -> Merge<'a> {
+    fn new(walk: &'a Arc<Walk>, vms: &'a [String], pool: &'a DecodePool) -> Merge<'a> {
         let cursors = vms
             .iter()
             .enumerate()
@@ -814,11 +843,15 @@ mod tests {
         let filter = CompiledFilter::new(filter).unwrap();
         let vms: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let (tx, mut rx) = mpsc::channel(8);
-        let walk = Walk { store, filter: &filter, watermark: u64::MAX, reverse, per_batch: None };
+        let filter = Arc::new(filter);
+        let walk =
+            Walk { store: store.clone(), filter, watermark: u64::MAX, reverse, per_batch: None };
         let vms = &vms;
+        let pool = DecodePool::start(workers).unwrap();
+        let pool = &pool;
         std::thread::scope(|s| {
             // The producer owns the sender: the channel ends when history returns.
-            let producer = s.spawn(move || history(walk, vms, limit, workers, &tx));
+            let producer = s.spawn(move || history(walk, vms, limit, pool, &tx));
             let mut got = Vec::new();
             let mut decoder = FrameDecoder::new(Limits::DEFAULT);
             while let Some(chunk) = rx.blocking_recv() {

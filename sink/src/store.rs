@@ -590,17 +590,16 @@ impl Store {
                 }
             }
         };
-        let file = &file;
         let corrupt = |reason: String| StoreError::Corrupt { key: hex(&info.key), reason };
         let len = u64::from(info.len);
         SCRATCH.with_borrow_mut(|scratch| {
             let result = (|| {
                 let Scratch { probe, run, dict, raw, ranges } = scratch;
-                read_into(&file, info.offset, len.min(BATCH_PROBE_BYTES as u64), probe)
+                read_into(file, info.offset, len.min(BATCH_PROBE_BYTES as u64), probe)
                     .map_err(read_err)?;
                 if probe.first() != Some(&BATCH_VERSION) {
                     // An older batch: one block, no keys.
-                    read_into(&file, info.offset, len, probe).map_err(read_err)?;
+                    read_into(file, info.offset, len, probe).map_err(read_err)?;
                     inflate_into(&info.key, probe, raw)?;
                     let whole = batch::Chunk {
                         first_record: 0,
@@ -619,7 +618,7 @@ impl Store {
                     return Err(corrupt(format!("a head of {need} bytes in a batch of {len}")));
                 }
                 if need > probe.len() {
-                    read_into(&file, info.offset, need as u64, probe).map_err(read_err)?;
+                    read_into(file, info.offset, need as u64, probe).map_err(read_err)?;
                 }
                 let head = batch::Head::parse(&probe[..need], len).map_err(corrupt)?;
                 if head.columns.len() != info.count as usize {
@@ -663,7 +662,7 @@ impl Store {
                 // Chunk 0 holds the dictionary of the others.
                 let first = &chunks[0];
                 if stored(first, run, run_at).is_none() {
-                    read_range(&file, info.offset, &first.stored, run).map_err(read_err)?;
+                    read_range(file, info.offset, &first.stored, run).map_err(read_err)?;
                     run_at = first.stored.start;
                 }
                 let (a, b) = stored(first, run, run_at).expect("just read");
@@ -697,7 +696,7 @@ impl Store {
                                 (lo, hi) = (l, h);
                             }
                             let range = chunks[lo].stored.start..chunks[hi].stored.end;
-                            read_range(&file, info.offset, &range, run).map_err(read_err)?;
+                            read_range(file, info.offset, &range, run).map_err(read_err)?;
                             run_at = range.start;
                         }
                         let (a, b) = stored(c, run, run_at).expect("just read");

@@ -291,7 +291,8 @@ fn events(
         exit_zero_on_interrupt();
     }
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    // Large writes: a stored trace can be kilobytes, and a pipe reader pays per write.
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     loop {
         let reply = match client.next_reply() {
             Ok(reply) => reply,

@@ -21,8 +21,11 @@
 //! Chunk 0 holds the batch's first [`DICT_CHUNK_BYTES`] of records and is compressed
 //! alone; every later chunk is compressed with chunk 0's records as its LZ4 dictionary.
 //! Log records of one VM repeat each other (field names, boot and machine IDs, units),
-//! so small chunks compress almost as well as a whole batch would, where chunks
-//! compressed alone would take some 1.5 times the space.
+//! so small chunks compress almost as well as a whole batch would. Measured on the
+//! benchmark's journald-like records (910 bytes each): one LZ4 block per megabyte took
+//! 161 bytes a record; 4 KiB chunks with the dictionary take 184, and 8 KiB chunks
+//! compressed alone took 271. The price is compression time: every chunk's compression
+//! reads the dictionary again, which roughly halves the committer's compression speed.
 //!
 //! The keys are filters' exact answers, or "cannot tell", never a guess: a reader skips
 //! only records the filter would reject.

@@ -13,6 +13,7 @@ use qlog_rpc::query::{Filter, RecordView, MAX_PATTERN_LEN, MAX_REQUEST_ITEMS};
 use regex::bytes::{Regex, RegexBuilder};
 
 use crate::batch::{self, Columns};
+use crate::store::Wanted;
 
 /// journald's message ID of coredump entries, whose `COREDUMP_UNIT` `-u` honours.
 const COREDUMP_MESSAGE_ID: &[u8] = b"fc2e22bc6ee647b6b90729ab34a250b1";
@@ -27,6 +28,9 @@ pub struct CompiledFilter {
     units: Vec<UnitPattern>,
     identifiers: Vec<Vec<u8>>,
     grep: Option<Regex>,
+    /// The grep pattern asserts nothing about what surrounds a match (no `^`, `$`,
+    /// `\b`): a match inside a MESSAGE is then also a match in any bytes holding it.
+    grep_in_any_bytes: bool,
     pub since_usec: Option<u64>,
     pub until_usec: Option<u64>,
     matches: BTreeMap<String, Vec<Vec<u8>>>,
@@ -62,6 +66,14 @@ impl CompiledFilter {
                     .map_err(|e| format!("invalid grep pattern: {e}"))?,
             ),
         };
+        let grep_in_any_bytes = filter.grep.as_ref().is_some_and(|g| {
+            regex_syntax::ParserBuilder::new()
+                .case_insensitive(g.case_insensitive)
+                .utf8(false)
+                .build()
+                .parse(&g.pattern)
+                .is_ok_and(|hir| hir.properties().look_set().is_empty())
+        });
         let mut matches: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
         for (field, value) in &filter.matches {
             qlog_rpc::event::validate_field_name(field.as_bytes(), 64)
@@ -73,6 +85,7 @@ impl CompiledFilter {
             units: filter.units.iter().map(|u| UnitPattern::new(u)).collect(),
             identifiers: filter.identifiers.iter().map(|i| i.as_bytes().to_vec()).collect(),
             grep,
+            grep_in_any_bytes,
             since_usec: filter.since_usec,
             until_usec: filter.until_usec,
             matches,
@@ -172,6 +185,17 @@ impl CompiledFilter {
         )
     }
 
+    /// Whether any record in `raw` (whole records back to back) may match: false only
+    /// if the grep pattern matches nowhere in those bytes, which for a pattern without
+    /// assertions means it matches no MESSAGE among them. Searching a chunk once costs
+    /// far less than finding and searching each of its messages.
+    pub fn may_match_in(&self, raw: &[u8]) -> bool {
+        match &self.grep {
+            Some(re) if self.grep_in_any_bytes => re.is_match(raw),
+            _ => true,
+        }
+    }
+
     /// journalctl's `-u`: the entry's own unit, or a unit that a trusted sender says the
     /// entry is about. Only systemd (`_PID=1`) may say so with `UNIT`, and only root with
     /// `OBJECT_SYSTEMD_UNIT` or, on a coredump entry, `COREDUMP_UNIT`; from anyone else
@@ -188,6 +212,15 @@ impl CompiledFilter {
             };
             trusted && self.units.iter().any(|u| u.matches(value))
         })
+    }
+}
+
+impl Wanted for CompiledFilter {
+    fn records(&self, columns: &Columns<'_>) -> Option<Vec<bool>> {
+        self.candidates(columns)
+    }
+    fn chunk(&self, raw: &[u8]) -> bool {
+        self.may_match_in(raw)
     }
 }
 
@@ -414,5 +447,44 @@ mod tests {
             ..Default::default()
         });
         assert!(other.candidates(&head.columns).is_none(), "a grep is not answered by keys");
+    }
+    #[test]
+    fn a_chunk_is_skipped_only_when_no_message_in_it_can_match() {
+        let grep = |pattern: &str| {
+            let case_insensitive = !pattern.chars().any(char::is_uppercase);
+            let g = Grep { pattern: pattern.into(), case_insensitive };
+            f(Filter { grep: Some(g), ..Default::default() })
+        };
+        let messages =
+            ["export file 3fa: permission denied", "Export FILE 9: Permission", "nothing", "x"];
+        let records: Vec<Vec<u8>> =
+            messages.iter().map(|m| rec(&[("MESSAGE", m), ("PRIORITY", "3")])).collect();
+        let chunk = records.concat();
+        for pattern in [
+            "permission",
+            "export file [0-9a-f]+: permission",
+            "Permission",
+            "^export",
+            r"\bx",
+            "x$",
+            "nothing",
+        ] {
+            let filter = grep(pattern);
+            for r in &records {
+                if filter.matches(&view(r)) {
+                    assert!(filter.may_match_in(r), "{pattern}: a matching record's own bytes");
+                    assert!(filter.may_match_in(&chunk), "{pattern}: the chunk holding it");
+                }
+            }
+        }
+        // Bytes in no message at all: skipped by a plain pattern, never by an anchored one.
+        let other = rec(&[("MESSAGE", "all quiet"), ("_COMM", "permission")]);
+        assert!(!grep("permission").matches(&view(&other)));
+        assert!(grep("permission").may_match_in(&other), "a superset: other fields may match");
+        let quiet = rec(&[("MESSAGE", "all quiet")]);
+        assert!(!grep("permission").may_match_in(&quiet));
+        assert!(grep("^permission").may_match_in(&quiet), "an anchored pattern reads every record");
+        assert!(grep(r"\bpermission").may_match_in(&quiet));
+        assert!(f(Filter::default()).may_match_in(&quiet));
     }
 }

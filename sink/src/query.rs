@@ -29,7 +29,6 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::batch::Columns;
 use crate::filter::CompiledFilter;
 use crate::log_events;
 use crate::shared::Shared;
@@ -481,8 +480,7 @@ impl Walk {
             if info.batch_id() > self.watermark {
                 continue;
             }
-            let candidates = |columns: &Columns<'_>| filter.candidates(columns);
-            self.store.for_each_record(&mut files, vm, info, self.reverse, candidates, |view| {
+            self.store.for_each_record(&mut files, vm, info, self.reverse, filter, |view| {
                 if !filter.matches(&view) {
                     return ControlFlow::Continue(());
                 }

@@ -557,11 +557,11 @@ impl Store {
         decode_batch(&info.key, &self.read_value(vm, info)?)
     }
 
-    /// Reads a batch and hands `visit` each record that `candidates` wants, in stored
-    /// order or, with `reverse`, newest first, until it says to stop. `candidates` sees
-    /// the batch's record keys ([`batch`]) and returns which records may be wanted, or
-    /// `None` for all; batches from before the keys are read whole and every record is
-    /// visited. Only the chunks that hold wanted records are read and inflated.
+    /// Reads a batch and hands `visit` each record that may be [`Wanted`], in stored
+    /// order or, with `reverse`, newest first, until it says to stop. Only the chunks
+    /// that hold records wanted by their keys are read and inflated, and only the
+    /// chunks whose records may be wanted by their bytes are parsed; batches from before
+    /// the keys are one chunk.
     ///
     /// `Ok(false)` if the batch has been trimmed since it was listed. A record that does
     /// not parse, a checksum mismatch, or a count other than the index's is corruption.
@@ -574,7 +574,7 @@ impl Store {
         vm: &str,
         info: &BatchInfo,
         reverse: bool,
-        candidates: impl FnOnce(&Columns<'_>) -> Option<Vec<bool>>,
+        wanted: &impl Wanted,
         mut visit: impl FnMut(qlog_rpc::query::RecordView<'_>) -> ControlFlow<()>,
     ) -> Result<bool, StoreError> {
         let path = self.segment_path(vm, info.segment);
@@ -608,9 +608,11 @@ impl Store {
                         stored: 0..len,
                         crc: 0,
                     };
-                    // Whether `visit` stopped early or not, the batch is done.
-                    let _ = visit_chunk(&whole, raw, None, reverse, ranges, &mut visit)
-                        .map_err(corrupt)?;
+                    if wanted.chunk(raw) {
+                        // Whether `visit` stopped early or not, the batch is done.
+                        let _ = visit_chunk(&whole, raw, None, reverse, ranges, &mut visit)
+                            .map_err(corrupt)?;
+                    }
                     return Ok(());
                 }
                 let need = batch::FIXED_LEN + batch::head_len(probe).map_err(corrupt)?;
@@ -628,15 +630,14 @@ impl Store {
                         head.columns.len()
                     )));
                 }
-                let wanted = candidates(&head.columns);
-                let wanted = wanted.as_deref();
+                let records = wanted.records(&head.columns);
+                let records = records.as_deref();
                 let chunk_wanted: Vec<bool> = head
                     .chunks
                     .iter()
                     .map(|c| {
-                        let records =
-                            c.first_record as usize..(c.first_record + c.records) as usize;
-                        wanted.is_none_or(|w| w.get(records).is_some_and(|w| w.contains(&true)))
+                        let range = c.first_record as usize..(c.first_record + c.records) as usize;
+                        records.is_none_or(|w| w.get(range).is_some_and(|w| w.contains(&true)))
                     })
                     .collect();
                 if !chunk_wanted.contains(&true) {
@@ -677,7 +678,10 @@ impl Store {
                 for i in order.filter(|&i| chunk_wanted[i]) {
                     let c = &chunks[i];
                     let flow = if i == 0 {
-                        visit_chunk(c, dict, wanted, reverse, ranges, &mut visit)
+                        if !wanted.chunk(dict) {
+                            continue;
+                        }
+                        visit_chunk(c, dict, records, reverse, ranges, &mut visit)
                     } else {
                         if stored(c, run, run_at).is_none() {
                             // Read ahead over the next wanted chunks, in walking order.
@@ -706,7 +710,10 @@ impl Store {
                             &run[a..b]
                         };
                         batch::inflate_chunk(c, bytes, dict, raw).map_err(corrupt)?;
-                        visit_chunk(c, raw, wanted, reverse, ranges, &mut visit)
+                        if !wanted.chunk(raw) {
+                            continue;
+                        }
+                        visit_chunk(c, raw, records, reverse, ranges, &mut visit)
                     };
                     if flow.map_err(corrupt)?.is_break() {
                         break;
@@ -1140,6 +1147,28 @@ impl StoreWriter {
     }
 }
 
+/// What a reader of batches wants, asked as [`Store::for_each_record`] goes, so that it
+/// reads, inflates and parses as little as it can. Both answers may be too generous,
+/// never too strict: every record visited is still judged by the reader.
+pub trait Wanted {
+    /// From a batch's record keys: which of its records may be wanted; `None` for all.
+    fn records(&self, columns: &Columns<'_>) -> Option<Vec<bool>>;
+    /// From an inflated chunk, its records back to back: may any of them be wanted?
+    fn chunk(&self, raw: &[u8]) -> bool;
+}
+
+/// Every record.
+pub struct Everything;
+
+impl Wanted for Everything {
+    fn records(&self, _: &Columns<'_>) -> Option<Vec<bool>> {
+        None
+    }
+    fn chunk(&self, _: &[u8]) -> bool {
+        true
+    }
+}
+
 /// The segment file a reader of batches read last, kept open for its next batch. Keep
 /// one for a short run of reads only: an open file that a trim has since removed
 /// still takes its space on disk until it is closed.
@@ -1521,7 +1550,7 @@ mod tests {
                     vm,
                     &info.unwrap(),
                     reverse,
-                    |_| None,
+                    &Everything,
                     visit
                 )
                 .unwrap());
@@ -1572,7 +1601,15 @@ mod tests {
             .unwrap();
         let info = store.batches("a").next().unwrap().unwrap();
         let errors: Vec<u64> = (0..200).filter(|i| i % 7 == 0).map(|i| i + 1).collect();
-        let want_errors = |c: &Columns<'_>| Some(c.iter().map(|k| k.priority == 3).collect());
+        struct Errors;
+        impl Wanted for Errors {
+            fn records(&self, c: &Columns<'_>) -> Option<Vec<bool>> {
+                Some(c.iter().map(|k| k.priority == 3).collect())
+            }
+            fn chunk(&self, _: &[u8]) -> bool {
+                true
+            }
+        }
         for reverse in [false, true] {
             let mut seen = Vec::new();
             let visit = |r: qlog_rpc::query::RecordView<'_>| {
@@ -1580,14 +1617,7 @@ mod tests {
                 ControlFlow::Continue(())
             };
             store
-                .for_each_record(
-                    &mut SegmentFiles::default(),
-                    "a",
-                    &info,
-                    reverse,
-                    want_errors,
-                    visit,
-                )
+                .for_each_record(&mut SegmentFiles::default(), "a", &info, reverse, &Errors, visit)
                 .unwrap();
             let mut expected = errors.clone();
             if reverse {
@@ -1606,15 +1636,23 @@ mod tests {
             }
         };
         store
-            .for_each_record(&mut SegmentFiles::default(), "a", &info, true, |_| None, visit)
+            .for_each_record(&mut SegmentFiles::default(), "a", &info, true, &Everything, visit)
             .unwrap();
         assert_eq!(seen, vec![200, 199, 198, 197, 196]);
-        let none = |c: &Columns<'_>| Some(vec![false; c.len()]);
+        struct Nothing;
+        impl Wanted for Nothing {
+            fn records(&self, c: &Columns<'_>) -> Option<Vec<bool>> {
+                Some(vec![false; c.len()])
+            }
+            fn chunk(&self, _: &[u8]) -> bool {
+                panic!("no chunk is inflated when no record is wanted")
+            }
+        }
         let visit = |_: qlog_rpc::query::RecordView<'_>| -> ControlFlow<()> {
             panic!("no record is wanted")
         };
         assert!(store
-            .for_each_record(&mut SegmentFiles::default(), "a", &info, false, none, visit)
+            .for_each_record(&mut SegmentFiles::default(), "a", &info, false, &Nothing, visit)
             .unwrap());
     }
 
@@ -1627,7 +1665,6 @@ mod tests {
         let bytes = std::fs::read(&seg).unwrap();
         let at = info.offset as usize;
         let chunks_at = at + batch::FIXED_LEN + batch::head_len(&bytes[at..]).unwrap();
-        let all = |_: &Columns<'_>| None;
         let visit = |_: qlog_rpc::query::RecordView<'_>| ControlFlow::Continue(());
         // A changed byte in the head, then in a chunk.
         for (place, expect) in [
@@ -1638,7 +1675,14 @@ mod tests {
             changed[place] ^= 0x20;
             std::fs::write(&seg, changed).unwrap();
             let err = store
-                .for_each_record(&mut SegmentFiles::default(), "a", &info, false, all, visit)
+                .for_each_record(
+                    &mut SegmentFiles::default(),
+                    "a",
+                    &info,
+                    false,
+                    &Everything,
+                    visit,
+                )
                 .unwrap_err();
             assert!(err.to_string().contains(expect), "{err}");
         }
@@ -1714,7 +1758,14 @@ mod tests {
         // A query that listed the batch before it was trimmed finds it gone, not damaged.
         let visit = |_: qlog_rpc::query::RecordView<'_>| ControlFlow::Continue(());
         assert!(!store
-            .for_each_record(&mut SegmentFiles::default(), "a", &listed[0], false, |_| None, visit)
+            .for_each_record(
+                &mut SegmentFiles::default(),
+                "a",
+                &listed[0],
+                false,
+                &Everything,
+                visit
+            )
             .unwrap());
         assert_eq!(seqs(&store, "a", None, None, false), vec![3, 4]);
         let files = std::fs::read_dir(dir.path().join("segments/a")).unwrap().count();

@@ -3,12 +3,13 @@
 //! A query reads the store on a blocking thread, merging the requested VMs' batches by
 //! (receive time, VM, sequence), and streams `Record` frames back through a small bounded
 //! channel, so a client that reads slowly holds a few frames, not the result set.
-//! Inflating and filtering batches is most of a query's work, so it is spread over a
-//! pool of decode workers, one per core (scoped threads of the query): each VM's cursor
-//! queues its next batches to the pool, enough for all cursors together to keep every
-//! worker busy, and takes the results back in scan order, so the merge sees exactly
-//! what one thread would have produced. A
-//! follower subscribes to the committer's live feed *before* reading history and skips
+//! Inflating and filtering batches is most of a query's work, so it is spread over
+//! qlogd's [`DecodePool`], one worker per core, shared by all queries: each VM's cursor
+//! queues jobs of its next batches, all cursors before the merge waits on any, and one
+//! more as it takes each result, so the workers decode ahead of the merge; it takes the
+//! results back in scan order, so the merge sees exactly what one thread would have
+//! produced. Each batch's record keys let the filter skip the chunks it cannot want
+//! ([`crate::batch`]). A follower subscribes to the committer's live feed *before* reading history and skips
 //! cycles its history already covered, so nothing falls between the two. Ingest never
 //! waits for a follower: a follower that cannot keep up is told how much it missed.
 

@@ -27,6 +27,13 @@
 //! compressed alone took 271. The price is compression time: every chunk's compression
 //! reads the dictionary again, which roughly halves the committer's compression speed.
 //!
+//! FIXME(chunk cost): with chunks, `qlog-bench ingest` measures 184 bytes an entry
+//! where one block per batch took 157 (journal-remote: 612), and one VM's ingest fell
+//! from about 164,000 to 143,000 entries/s. Compressing a commit's batches on more than
+//! one core, or keeping the dictionary's hash table from one chunk to the next (which
+//! lz4_flex's API does not offer), would win the speed back; the bytes need a coder
+//! with entropy coding, which inflates several times slower.
+//!
 //! The keys are filters' exact answers, or "cannot tell", never a guess: a reader skips
 //! only records the filter would reject.
 //! - priority: the first `PRIORITY` value as a digit 0 to 7, or [`PRIORITY_NONE`] if

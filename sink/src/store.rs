@@ -643,32 +643,13 @@ impl Store {
                 if !chunk_wanted.contains(&true) {
                     return Ok(());
                 }
-                // Bytes of the value in `probe` (its first bytes) or in `run` (at run_at).
-                let mut run_at = 0u64;
-                run.clear();
-                let stored = |c: &batch::Chunk,
-                              run: &'_ Vec<u8>,
-                              run_at: u64|
-                 -> Option<(usize, usize)> {
-                    if c.stored.end <= probe.len() as u64 {
-                        Some((c.stored.start as usize, c.stored.end as usize))
-                    } else if c.stored.start >= run_at && c.stored.end <= run_at + run.len() as u64
-                    {
-                        Some(((c.stored.start - run_at) as usize, (c.stored.end - run_at) as usize))
-                    } else {
-                        None
-                    }
-                };
                 let chunks = &head.chunks;
+                // `run` may hold another batch's bytes from this thread's last read.
+                run.clear();
+                let mut held = Held { file, offset: info.offset, probe, run, run_at: 0 };
                 // Chunk 0 holds the dictionary of the others.
                 let first = &chunks[0];
-                if stored(first, run, run_at).is_none() {
-                    read_range(file, info.offset, &first.stored, run).map_err(read_err)?;
-                    run_at = first.stored.start;
-                }
-                let (a, b) = stored(first, run, run_at).expect("just read");
-                let bytes =
-                    if first.stored.end <= probe.len() as u64 { &probe[a..b] } else { &run[a..b] };
+                let bytes = held.get(&first.stored, || first.stored.clone()).map_err(read_err)?;
                 batch::inflate_chunk(first, bytes, &[], dict).map_err(corrupt)?;
                 let order: Box<dyn Iterator<Item = usize>> = if reverse {
                     Box::new((0..chunks.len()).rev())
@@ -677,44 +658,18 @@ impl Store {
                 };
                 for i in order.filter(|&i| chunk_wanted[i]) {
                     let c = &chunks[i];
-                    let flow = if i == 0 {
-                        if !wanted.chunk(dict) {
-                            continue;
-                        }
-                        visit_chunk(c, dict, records, reverse, ranges, &mut visit)
+                    let records_of_c: &[u8] = if i == 0 {
+                        dict
                     } else {
-                        if stored(c, run, run_at).is_none() {
-                            // Read ahead over the next wanted chunks, in walking order.
-                            let (mut lo, mut hi) = (i, i);
-                            let next =
-                                |j: usize| if reverse { j.checked_sub(1) } else { Some(j + 1) };
-                            while let Some(j) = next(if reverse { lo } else { hi }) {
-                                if j == 0 || j >= chunks.len() || !chunk_wanted[j] {
-                                    break;
-                                }
-                                let (l, h) = if reverse { (j, hi) } else { (lo, j) };
-                                if chunks[h].stored.end - chunks[l].stored.start > BATCH_READ_BYTES
-                                {
-                                    break;
-                                }
-                                (lo, hi) = (l, h);
-                            }
-                            let range = chunks[lo].stored.start..chunks[hi].stored.end;
-                            read_range(file, info.offset, &range, run).map_err(read_err)?;
-                            run_at = range.start;
-                        }
-                        let (a, b) = stored(c, run, run_at).expect("just read");
-                        let bytes = if c.stored.end <= probe.len() as u64 {
-                            &probe[a..b]
-                        } else {
-                            &run[a..b]
-                        };
+                        let ahead = || read_ahead(chunks, &chunk_wanted, i, reverse);
+                        let bytes = held.get(&c.stored, ahead).map_err(read_err)?;
                         batch::inflate_chunk(c, bytes, dict, raw).map_err(corrupt)?;
-                        if !wanted.chunk(raw) {
-                            continue;
-                        }
-                        visit_chunk(c, raw, records, reverse, ranges, &mut visit)
+                        raw
                     };
+                    if !wanted.chunk(records_of_c) {
+                        continue;
+                    }
+                    let flow = visit_chunk(c, records_of_c, records, reverse, ranges, &mut visit);
                     if flow.map_err(corrupt)?.is_break() {
                         break;
                     }
@@ -1208,6 +1163,64 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
+/// The stored bytes of one batch value that a reader holds: its first bytes (the probe
+/// read, which holds the head and often chunk 0) and the last run of chunks it read.
+struct Held<'a> {
+    file: &'a File,
+    /// Where the value starts in the segment.
+    offset: u64,
+    probe: &'a [u8],
+    run: &'a mut Vec<u8>,
+    /// Where `run` starts in the value.
+    run_at: u64,
+}
+
+impl Held<'_> {
+    /// The bytes at `range` of the value; if they are not held, reads `ahead()` (which
+    /// covers `range`) in their place first.
+    fn get(
+        &mut self,
+        range: &std::ops::Range<u64>,
+        ahead: impl FnOnce() -> std::ops::Range<u64>,
+    ) -> std::io::Result<&[u8]> {
+        let (start, end) = (range.start as usize, range.end as usize);
+        if end <= self.probe.len() {
+            return Ok(&self.probe[start..end]);
+        }
+        let held = self.run_at..self.run_at + self.run.len() as u64;
+        if range.start < held.start || range.end > held.end {
+            let ahead = ahead();
+            read_range(self.file, self.offset, &ahead, self.run)?;
+            self.run_at = ahead.start;
+        }
+        let at = (range.start - self.run_at) as usize;
+        Ok(&self.run[at..at + (end - start)])
+    }
+}
+
+/// What to read for chunk `i`: it and the wanted chunks after it in walking order, up
+/// to [`BATCH_READ_BYTES`] together (chunk 0 is read apart, first).
+fn read_ahead(
+    chunks: &[batch::Chunk],
+    wanted: &[bool],
+    i: usize,
+    reverse: bool,
+) -> std::ops::Range<u64> {
+    let (mut lo, mut hi) = (i, i);
+    loop {
+        let (l, h) = match reverse {
+            true if lo > 1 && wanted[lo - 1] => (lo - 1, hi),
+            false if hi + 1 < chunks.len() && wanted[hi + 1] => (lo, hi + 1),
+            _ => break,
+        };
+        if chunks[h].stored.end - chunks[l].stored.start > BATCH_READ_BYTES {
+            break;
+        }
+        (lo, hi) = (l, h);
+    }
+    chunks[lo].stored.start..chunks[hi].stored.end
+}
+
 /// Reads `len` bytes of a segment at `offset` into `buf`, which it replaces.
 fn read_into(file: &File, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
     buf.resize(len as usize, 0);
@@ -1572,17 +1585,40 @@ mod tests {
         assert_eq!(visited(&store, "a", true), vec![5, 4, 3, 2, 1]);
     }
 
-    /// Records big enough that a batch of them spans many chunks; `PRIORITY` is 3 for
-    /// every seventh, 6 for the others.
+    /// Records big enough that a batch of them spans many chunks, and random enough that
+    /// it is far larger than the first read of a batch; `PRIORITY` is 3 for every
+    /// seventh, 6 for the others.
     fn chunky(vm: &str, n: u64) -> Vec<Record> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
         (0..n)
             .map(|i| {
                 let mut r = record(vm, 1_000 + i, i + 1);
                 r.event.push("PRIORITY", if i % 7 == 0 { "3" } else { "6" });
-                r.event.push("FILLER", format!("{i:>600}"));
+                let filler: String = (0..150)
+                    .map(|_| {
+                        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        format!("{:04x}", state >> 48)
+                    })
+                    .collect();
+                r.event.push("FILLER", filler);
                 r
             })
             .collect()
+    }
+
+    #[test]
+    fn one_thread_reading_batch_after_batch_sees_each_ones_own_bytes() {
+        let (_dir, store, mut w) = fresh_store();
+        let mut records = chunky("a", 400);
+        let second: Vec<Record> = records.split_off(200);
+        let batches =
+            vec![Store::encode_batch("a", 1, &records), Store::encode_batch("a", 2, &second)];
+        w.commit(&CommitSet { batches, next_batch_id: 3, ..Default::default() }).unwrap();
+        // Both directions, twice: each read reuses this thread's buffers of the last.
+        for _ in 0..2 {
+            assert_eq!(visited(&store, "a", false), (1..=400).collect::<Vec<_>>());
+            assert_eq!(visited(&store, "a", true), (1..=400).rev().collect::<Vec<_>>());
+        }
     }
 
     #[test]

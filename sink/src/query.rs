@@ -323,9 +323,14 @@ fn history(
         // The last N matches: walk backwards until N are found, then send them in the
         // requested order.
         Some(n) => {
-            let mut found: Vec<Vec<u8>> = Vec::new();
+            // The matches back to back in one buffer, and where each one is.
+            let (mut bytes, mut found) = (Vec::new(), Vec::new());
             while (found.len() as u64) < n {
-                match merge.next_match(|bytes| found.push(bytes.to_vec())) {
+                let keep = |record: &[u8]| {
+                    found.push(bytes.len()..bytes.len() + record.len());
+                    bytes.extend_from_slice(record);
+                };
+                match merge.next_match(keep) {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(e) => return out.fail(e),
@@ -335,9 +340,9 @@ fn history(
             if !reverse {
                 found.reverse();
             }
-            for r in &found {
+            for r in found {
                 matched += 1;
-                out.record(r);
+                out.record(&bytes[r]);
             }
         }
         None => loop {
@@ -541,6 +546,8 @@ struct VmCursor<'a> {
     pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
     depth: usize,
     full_depth: usize,
+    /// The only cursor of its query.
+    alone: bool,
     /// Results taken so far.
     taken: usize,
     /// A scan error met while queueing ahead, reported once the jobs before it are.
@@ -570,11 +577,51 @@ impl<'a> VmCursor<'a> {
             // more only once it has needed a second.
             depth: if walk.per_batch.is_some() { 1 } else { pool.workers.div_ceil(vms.max(1)) },
             full_depth: pool.workers.div_ceil(vms.max(1)),
+            alone: vms == 1,
             taken: 0,
             failed: None,
             current: Batch::default(),
             next: 0,
         }
+    }
+
+    /// The newest N of one VM are nearly always in its first job: decoding that job on
+    /// the merge's thread saves two thread handoffs, a good part of a `tail -n`'s time.
+    fn first_job_here(&self) -> bool {
+        self.alone && self.taken == 0 && self.walk.per_batch.is_some()
+    }
+
+    /// Queues the cursor's first jobs, unless it decodes the first one itself.
+    fn prime(&mut self) {
+        if self.first_job_here() {
+            return;
+        }
+        if let Err(e) = self.fill() {
+            self.failed = Some(e);
+        }
+    }
+
+    /// The batches of the cursor's next job: up to [`JOB_STORED_BYTES`] of them, none at
+    /// the end of its range. A scan error after some batches is kept in `failed`, to be
+    /// reported after them.
+    fn job_infos(&mut self) -> Result<Vec<BatchInfo>, StoreError> {
+        let mut infos = Vec::new();
+        let mut stored = 0;
+        while stored < JOB_STORED_BYTES {
+            match self.batches.next() {
+                Some(Ok(info)) => {
+                    stored += info.stored_len();
+                    infos.push(info);
+                }
+                Some(Err(e)) if infos.is_empty() => return Err(e),
+                Some(Err(e)) => {
+                    self.failed = Some(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(infos)
     }
 
     /// Queues jobs until `depth` of them are in the pool: at the start, and after each
@@ -584,23 +631,7 @@ impl<'a> VmCursor<'a> {
             return Err(e);
         }
         while self.pending.len() < self.depth {
-            let mut infos = Vec::new();
-            let mut stored = 0;
-            while stored < JOB_STORED_BYTES {
-                match self.batches.next() {
-                    Some(Ok(info)) => {
-                        stored += info.stored_len();
-                        infos.push(info);
-                    }
-                    Some(Err(e)) if infos.is_empty() => return Err(e),
-                    Some(Err(e)) => {
-                        // The batches before it are still this VM's next results.
-                        self.failed = Some(e);
-                        break;
-                    }
-                    None => break,
-                }
-            }
+            let infos = self.job_infos()?;
             if infos.is_empty() {
                 break;
             }
@@ -616,6 +647,15 @@ impl<'a> VmCursor<'a> {
 
     /// The next decoded batches in walking order; `None` at the end of the VM's range.
     fn next_batch(&mut self) -> Option<BatchResult> {
+        if self.first_job_here() {
+            self.taken = 1;
+            let infos = match self.job_infos() {
+                Ok(infos) if infos.is_empty() => return None,
+                Ok(infos) => infos,
+                Err(e) => return Some(Err(e)),
+            };
+            return Some(self.walk.batches(self.vm, self.source, &infos));
+        }
         if self.pending.is_empty() {
             if let Err(e) = self.fill() {
                 return Some(Err(e));
@@ -718,9 +758,7 @@ impl<'a> Merge<'a> {
             self.primed = true;
             // Every cursor's first jobs go to the pool before the merge waits on any.
             for cursor in &mut self.cursors {
-                if let Err(e) = cursor.fill() {
-                    cursor.failed = Some(e);
-                }
+                cursor.prime();
             }
             for source in 0..self.cursors.len() {
                 self.push(source)?;
@@ -839,8 +877,20 @@ mod tests {
         reverse: bool,
         workers: usize,
     ) -> Vec<(String, u64)> {
+        run_vms(store, &["a", "b", "c"], filter, limit, reverse, workers)
+    }
+
+    /// What `history` sends for the VMs named, as (VM, seq) in order.
+    fn run_vms(
+        store: &Store,
+        vms: &[&str],
+        filter: &Filter,
+        limit: Option<u64>,
+        reverse: bool,
+        workers: usize,
+    ) -> Vec<(String, u64)> {
         let filter = CompiledFilter::new(filter).unwrap();
-        let vms: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let vms: Vec<String> = vms.iter().map(|v| (*v).to_owned()).collect();
         let (tx, mut rx) = mpsc::channel(8);
         let filter = Arc::new(filter);
         let walk =
@@ -907,6 +957,23 @@ mod tests {
                 for workers in [2, 3, 4] {
                     let threaded = run(&store, &filter, limit, reverse, workers);
                     assert_eq!(threaded, one, "pool of {workers}, {filter:?} {limit:?} {reverse}");
+                }
+            }
+        }
+        // One VM's newest N: its first job is decoded on the merge's own thread.
+        for filter in [Filter::default(), Filter { priority: Some((0, 3)), ..Default::default() }] {
+            let all = run_vms(&store, &["b"], &filter, None, false, 2);
+            for (n, reverse) in [(1, false), (3, true), (15, false), (500, true)] {
+                let mut newest = all[all.len().saturating_sub(n)..].to_vec();
+                if reverse {
+                    newest.reverse();
+                }
+                for workers in [1, 2] {
+                    let got = run_vms(&store, &["b"], &filter, Some(n as u64), reverse, workers);
+                    assert_eq!(
+                        got, newest,
+                        "{filter:?} -n {n} reverse {reverse}, {workers} workers"
+                    );
                 }
             }
         }

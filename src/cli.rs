@@ -303,7 +303,7 @@ fn events(
         };
         match reply {
             Some(Reply::Record(r)) => {
-                printer.print(&r.view(), &mut out).context("cannot write output")?
+                printer.print(&r.view()?, &mut out).context("cannot write output")?
             }
             Some(Reply::Done) => {
                 out.flush().context("cannot write output")?;

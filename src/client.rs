@@ -30,31 +30,29 @@ pub enum Reply {
 }
 
 /// A record as qlogd sent it, kept in its encoding: printing reads it in place, so the
-/// CLI allocates nothing per field. Checked on arrival to be one whole record whose
-/// field names follow journald's rules, as [`Record::decode`] checks them.
+/// CLI allocates nothing per field. Reading it checks that it is one whole record whose
+/// field names follow journald's rules, as [`Record::decode`] checks them; it is read
+/// once, so that is one parse a record.
 pub struct Received(Vec<u8>);
 
 impl Received {
-    fn check(payload: Vec<u8>) -> anyhow::Result<Received> {
-        let view = RecordView::parse(&payload).context("qlogd sent a malformed record")?;
-        if view.bytes.len() != payload.len() {
+    /// The record read in place, or why it cannot be trusted to be one.
+    pub fn view(&self) -> anyhow::Result<RecordView<'_>> {
+        let view = RecordView::parse(&self.0).context("qlogd sent a malformed record")?;
+        if view.bytes.len() != self.0.len() {
             bail!(
                 "qlogd sent a malformed record: {} bytes after it",
-                payload.len() - view.bytes.len()
+                self.0.len() - view.bytes.len()
             );
         }
         view.validate_names(Limits::DEFAULT.max_name_len)
             .context("qlogd sent a record with a malformed field name")?;
-        Ok(Received(payload))
-    }
-
-    pub fn view(&self) -> RecordView<'_> {
-        RecordView::parse(&self.0).expect("checked on arrival")
+        Ok(view)
     }
 
     /// The owned form, for readers that change records.
-    pub fn to_record(&self) -> Record {
-        self.view().to_record()
+    pub fn to_record(&self) -> anyhow::Result<Record> {
+        Ok(self.view()?.to_record())
     }
 }
 
@@ -112,7 +110,7 @@ impl Client {
     pub fn next_reply(&mut self) -> anyhow::Result<Option<Reply>> {
         let Some(frame) = self.next_frame()? else { return Ok(None) };
         match frame.ty {
-            FrameType::Record => Ok(Some(Reply::Record(Received::check(frame.payload)?))),
+            FrameType::Record => Ok(Some(Reply::Record(Received(frame.payload)))),
             FrameType::Done => Ok(Some(Reply::Done)),
             FrameType::Lagged => {
                 let lagged: qlog_rpc::query::Lagged = decode_json(frame.ty, &frame.payload)?;

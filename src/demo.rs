@@ -304,7 +304,7 @@ fn tail(query: &Path, seconds: u64) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     while let Ok(Some(reply)) = client.next_reply() {
         if let Reply::Record(r) = reply {
-            printer.print(&r.view(), &mut out)?;
+            printer.print(&r.view()?, &mut out)?;
             out.flush()?;
         }
     }
@@ -337,7 +337,7 @@ fn show(query: &Path, vms: &[&str], n: u64) -> anyhow::Result<()> {
     let printer = Printer { format: Format::Short, color: false };
     let mut out = std::io::stdout().lock();
     while let Some(Reply::Record(r)) = client.next_reply()? {
-        printer.print(&r.view(), &mut out)?;
+        printer.print(&r.view()?, &mut out)?;
     }
     Ok(())
 }

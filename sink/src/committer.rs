@@ -942,8 +942,10 @@ fn format_usec(usec: u64) -> String {
 }
 
 /// Uncompressed bytes a stored batch holds at most (one larger record is a batch of its
-/// own). A query inflates whole batches: the newest lines of a VM that logs fast cost
-/// one batch this size, not a whole commit cycle's worth.
+/// own). A batch's head keeps dictionaries of at most 254 values a key, and its first
+/// records are the compression dictionary of the rest ([`crate::batch`]): both describe
+/// a megabyte of one VM's records well, a whole commit cycle's worth less so. Smaller
+/// batches also give `--since` finer time ranges to start from.
 const MAX_BATCH_RAW_BYTES: usize = 1 << 20;
 
 /// One stored batch's share of a VM's records in a commit.

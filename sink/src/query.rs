@@ -407,19 +407,36 @@ impl DecodePool {
         DecodePool::start(std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// Decodes consecutive batches of one VM on a worker; the result arrives on `reply`.
-    fn submit(
-        &self,
-        walk: &Arc<Walk>,
-        vm: &str,
-        source: usize,
-        infos: Vec<BatchInfo>,
-        reply: std::sync::mpsc::Sender<BatchResult>,
-    ) {
-        let (walk, vm) = (Arc::clone(walk), vm.to_owned());
+    /// Hands a job to the workers; if one of them runs it, the result arrives on `reply`.
+    fn submit(&self, job: &Arc<Job>, reply: std::sync::mpsc::Sender<BatchResult>) {
+        let job = Arc::clone(job);
         // The cursor may have gone (the client hung up); nobody wants the result then.
-        let task = move || drop(reply.send(walk.batches(&vm, source, &infos)));
+        let task = move || {
+            if let Some(result) = job.run() {
+                let _ = reply.send(result);
+            }
+        };
         self.tasks.send(Box::new(task)).expect(WORKERS_OUTLIVE_POOL);
+    }
+}
+
+/// Consecutive batches of one VM to decode as one result. Whoever claims it first
+/// decodes it: a worker, or the cursor itself when it needs the result before any
+/// worker has begun it, which saves two thread handoffs (much of a `tail -n`'s time)
+/// and makes the merge's thread a decoder whenever it would only wait.
+struct Job {
+    claimed: std::sync::atomic::AtomicBool,
+    walk: Arc<Walk>,
+    vm: String,
+    source: usize,
+    infos: Vec<BatchInfo>,
+}
+
+impl Job {
+    /// The job's result, if nobody had claimed it yet.
+    fn run(&self) -> Option<BatchResult> {
+        let taken = self.claimed.swap(true, std::sync::atomic::Ordering::AcqRel);
+        (!taken).then(|| self.walk.batches(&self.vm, self.source, &self.infos))
     }
 }
 
@@ -530,9 +547,9 @@ type BatchResult = Result<Batch, StoreError>;
 /// The pool's workers only return once every clone of the pool has gone (a panic aborts
 /// the process), and a query holds one.
 const WORKERS_OUTLIVE_POOL: &str = "decode workers outlive their pool";
-/// A task always sends its result (or is dropped, with its sender, only by a worker
-/// that is gone: see [`WORKERS_OUTLIVE_POOL`]).
-const TASKS_REPLY: &str = "a decode task replies before it ends";
+/// A job that a worker claimed is answered (its sender is dropped unanswered only with
+/// a worker that is gone: see [`WORKERS_OUTLIVE_POOL`]).
+const CLAIMED_JOBS_REPLY: &str = "a worker answers the job it claimed";
 
 /// One VM's matching records in time order (or reverse), a batch at a time.
 struct VmCursor<'a> {
@@ -540,14 +557,11 @@ struct VmCursor<'a> {
     source: usize,
     batches: Box<dyn Iterator<Item = Result<BatchInfo, StoreError>> + Send + 'a>,
     walk: &'a Arc<Walk>,
-    /// The pool, and the results of the jobs queued to it, in scan order: up to `depth`
-    /// of them.
+    /// The pool, and the jobs queued to it with their results, in scan order: up to
+    /// `depth` of them once the cursor queues ahead.
     pool: &'a DecodePool,
-    pending: std::collections::VecDeque<std::sync::mpsc::Receiver<BatchResult>>,
+    pending: std::collections::VecDeque<(Arc<Job>, std::sync::mpsc::Receiver<BatchResult>)>,
     depth: usize,
-    full_depth: usize,
-    /// The only cursor of its query.
-    alone: bool,
     /// Results taken so far.
     taken: usize,
     /// A scan error met while queueing ahead, reported once the jobs before it are.
@@ -573,31 +587,11 @@ impl<'a> VmCursor<'a> {
             walk,
             pool,
             pending: Default::default(),
-            // A walk for the newest N will likely stop within its first job: it queues
-            // more only once it has needed a second.
-            depth: if walk.per_batch.is_some() { 1 } else { pool.workers.div_ceil(vms.max(1)) },
-            full_depth: pool.workers.div_ceil(vms.max(1)),
-            alone: vms == 1,
+            depth: pool.workers.div_ceil(vms.max(1)),
             taken: 0,
             failed: None,
             current: Batch::default(),
             next: 0,
-        }
-    }
-
-    /// The newest N of one VM are nearly always in its first job: decoding that job on
-    /// the merge's thread saves two thread handoffs, a good part of a `tail -n`'s time.
-    fn first_job_here(&self) -> bool {
-        self.alone && self.taken == 0 && self.walk.per_batch.is_some()
-    }
-
-    /// Queues the cursor's first jobs, unless it decodes the first one itself.
-    fn prime(&mut self) {
-        if self.first_job_here() {
-            return;
-        }
-        if let Err(e) = self.fill() {
-            self.failed = Some(e);
         }
     }
 
@@ -624,20 +618,35 @@ impl<'a> VmCursor<'a> {
         Ok(infos)
     }
 
-    /// Queues jobs until `depth` of them are in the pool: at the start, and after each
-    /// result taken, so the next batches decode while the merge consumes this one.
+    /// Whether the cursor keeps `depth` jobs queued. A walk for the newest N will likely
+    /// stop within its first job: it queues one at a time until it has needed a second.
+    fn queues_ahead(&self) -> bool {
+        self.walk.per_batch.is_none() || self.taken > 1
+    }
+
+    /// Queues jobs until `depth` of them are in the pool (one, if the cursor does not
+    /// queue ahead): at the start, and after each result taken, so the next batches
+    /// decode while the merge consumes this one.
     fn fill(&mut self) -> Result<(), StoreError> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        while self.pending.len() < self.depth {
+        let depth = if self.queues_ahead() { self.depth } else { 1 };
+        while self.pending.len() < depth {
             let infos = self.job_infos()?;
             if infos.is_empty() {
                 break;
             }
+            let job = Arc::new(Job {
+                claimed: Default::default(),
+                walk: Arc::clone(self.walk),
+                vm: self.vm.to_owned(),
+                source: self.source,
+                infos,
+            });
             let (reply, result) = std::sync::mpsc::channel();
-            self.pool.submit(self.walk, self.vm, self.source, infos, reply);
-            self.pending.push_back(result);
+            self.pool.submit(&job, reply);
+            self.pending.push_back((job, result));
             if self.failed.is_some() {
                 break;
             }
@@ -647,25 +656,18 @@ impl<'a> VmCursor<'a> {
 
     /// The next decoded batches in walking order; `None` at the end of the VM's range.
     fn next_batch(&mut self) -> Option<BatchResult> {
-        if self.first_job_here() {
-            self.taken = 1;
-            let infos = match self.job_infos() {
-                Ok(infos) if infos.is_empty() => return None,
-                Ok(infos) => infos,
-                Err(e) => return Some(Err(e)),
-            };
-            return Some(self.walk.batches(self.vm, self.source, &infos));
-        }
         if self.pending.is_empty() {
             if let Err(e) = self.fill() {
                 return Some(Err(e));
             }
         }
-        let result = self.pending.pop_front()?;
-        let batch = result.recv().expect(TASKS_REPLY);
+        let (job, result) = self.pending.pop_front()?;
+        let batch = match job.run() {
+            Some(batch) => batch,
+            None => result.recv().expect(CLAIMED_JOBS_REPLY),
+        };
         self.taken += 1;
-        if self.walk.per_batch.is_none() || self.taken > 1 {
-            self.depth = self.full_depth;
+        if self.queues_ahead() {
             if let Err(e) = self.fill() {
                 // Reported after this batch's matches, where it belongs in the walk.
                 self.failed = Some(e);
@@ -758,7 +760,9 @@ impl<'a> Merge<'a> {
             self.primed = true;
             // Every cursor's first jobs go to the pool before the merge waits on any.
             for cursor in &mut self.cursors {
-                cursor.prime();
+                if let Err(e) = cursor.fill() {
+                    cursor.failed = Some(e);
+                }
             }
             for source in 0..self.cursors.len() {
                 self.push(source)?;
@@ -960,7 +964,7 @@ mod tests {
                 }
             }
         }
-        // One VM's newest N: its first job is decoded on the merge's own thread.
+        // One VM's newest N, whichever thread claims its first job.
         for filter in [Filter::default(), Filter { priority: Some((0, 3)), ..Default::default() }] {
             let all = run_vms(&store, &["b"], &filter, None, false, 2);
             for (n, reverse) in [(1, false), (3, true), (15, false), (500, true)] {

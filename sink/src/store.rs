@@ -599,7 +599,7 @@ impl Store {
                     .map_err(read_err)?;
                 if probe.first() != Some(&BATCH_VERSION) {
                     // An older batch: one block, no keys.
-                    read_into(file, info.offset, len, probe).map_err(read_err)?;
+                    read_rest(file, info.offset, len, probe).map_err(read_err)?;
                     inflate_into(&info.key, probe, raw)?;
                     let whole = batch::Chunk {
                         first_record: 0,
@@ -619,9 +619,7 @@ impl Store {
                 if need as u64 > len {
                     return Err(corrupt(format!("a head of {need} bytes in a batch of {len}")));
                 }
-                if need > probe.len() {
-                    read_into(file, info.offset, need as u64, probe).map_err(read_err)?;
-                }
+                read_rest(file, info.offset, need as u64, probe).map_err(read_err)?;
                 let head = batch::Head::parse(&probe[..need], len).map_err(corrupt)?;
                 if head.columns.len() != info.count as usize {
                     return Err(corrupt(format!(
@@ -1225,6 +1223,17 @@ fn read_ahead(
 fn read_into(file: &File, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
     buf.resize(len as usize, 0);
     file.read_exact_at(buf, offset)
+}
+
+/// Grows `buf`, which holds the first bytes of the value at `offset`, to its first `len`
+/// bytes, reading only what it lacks.
+fn read_rest(file: &File, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let have = buf.len();
+    if len as usize > have {
+        buf.resize(len as usize, 0);
+        file.read_exact_at(&mut buf[have..], offset + have as u64)?;
+    }
+    Ok(())
 }
 
 /// Reads `range` of the batch value that starts at `offset` into `buf`.

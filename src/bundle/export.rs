@@ -149,7 +149,7 @@ fn read_records(
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let record = match client.next_reply() {
-            Ok(Some(Reply::Record(r))) => r.to_record(),
+            Ok(Some(Reply::Record(r))) => r.to_record()?,
             Ok(Some(Reply::Done)) => break,
             Ok(Some(Reply::Lagged(_))) => continue,
             Ok(None) => {

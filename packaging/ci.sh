@@ -120,8 +120,7 @@ remove_sysusers_account
 
 say "build"
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
-cargo build --release -p qlog-sink -p qlog --bins
-cargo build --profile release-agent -p qlog-agent
+bash packaging/build-binaries.sh
 if [ -x target/release/qrexec-client-vm ]; then
     double=$root/target/release/qrexec-client-vm
 elif [ -x target/debug/qrexec-client-vm ]; then
@@ -171,7 +170,8 @@ check_exposure qlog-agent.service 3.0
 
 say "install"
 dpkg -i "${debs[@]}"
-for f in /usr/bin/qlogd /usr/bin/qlog /usr/bin/qlog-agent /usr/lib/qlog/qlogd-qubes-config; do
+for f in /usr/bin/qlogd /usr/bin/qlog /usr/bin/qlog-agent /usr/lib/qlog/qlogd-qubes-config \
+    /usr/lib/qlog/qlog-bundle; do
     [ -x "$f" ] || fail "$f is not installed"
 done
 for f in /etc/qlog/qlogd.toml /usr/lib/systemd/system/qlogd.service \
@@ -259,6 +259,14 @@ QLOG_QUERY_SOCKET=$smoke/run/query.sock /usr/bin/qlog tail --no-follow --no-colo
 [ "$(grep -c "$marker" "$smoke/tail.txt")" -eq 3 ] || fail "qlog tail does not show the three lines"
 QLOG_QUERY_SOCKET=$smoke/run/query.sock /usr/bin/qlog vms | tee "$smoke/vms.txt"
 grep -q '^sd-app ' "$smoke/vms.txt" || fail "qlog vms does not list sd-app"
+# qlog hands the bundle commands to its helper in /usr/lib/qlog (src/helper.rs): an
+# error from the bundle reader shows the helper ran.
+/usr/bin/qlog bundle verify "$smoke/no-such-bundle.tar.zst" 2>"$smoke/helper.txt" && fail "verify of a missing bundle succeeded"
+grep -q '^qlog: cannot open ' "$smoke/helper.txt" || { cat "$smoke/helper.txt"; fail "qlog did not reach its helper qlog-bundle"; }
+# Linked as packaging/build-binaries.sh says: static-pie, no program interpreter.
+headers=$(readelf -lW /usr/bin/qlog)
+grep -q 'DYN (Position-Independent Executable' <<<"$headers" || fail "/usr/bin/qlog is not PIE"
+! grep -q 'program interpreter' <<<"$headers" || fail "/usr/bin/qlog is dynamically linked"
 for _ in $(seq 40); do grep -q 'WATCHDOG=1' "$smoke/notify.log" && break; sleep 0.1; done
 grep -q 'WATCHDOG=1' "$smoke/notify.log" ||
     fail "qlogd sent no WATCHDOG=1 within 2 s of WATCHDOG_USEC=2000000 (the unit sets WatchdogSec=)"

@@ -170,8 +170,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stats(args) => crate::stats::show(&cli.socket, &args),
         Command::Top(args) => crate::top::run(&cli.socket, &args),
         Command::Metrics => crate::metrics::show(&cli.socket),
-        Command::Export(args) => crate::bundle::export(&cli.socket, &args),
-        Command::Bundle { command } => crate::bundle::bundle(&command),
+        // Their code lives in the helper binary: see helper.rs.
+        Command::Export(_) | Command::Bundle { .. } => Err(crate::helper::exec_helper()),
         Command::Verify(args) => crate::verify::run(&cli.socket, &args),
         Command::Demo { keep, seconds, journal } => {
             crate::demo::run(crate::demo::DemoOptions { keep, seconds, journal })
@@ -198,6 +198,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("cannot write the man page")?,
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The process's exit status for what a command returned; an error is printed first.
+pub fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            // A closed pipe (`qlog query | head`) is the reader's choice, not a failure.
+            let broken_pipe = error
+                .chain()
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("qlog: {error:#}");
+            ExitCode::FAILURE
         }
     }
 }

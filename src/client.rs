@@ -3,7 +3,7 @@
 //! Connection failures become messages that say what to do: qlogd not running, or the
 //! socket's group the operator is missing.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,11 @@ use qlog_rpc::{ErrorCode, ErrorFrame, Limits};
 pub struct Client {
     stream: UnixStream,
     decoder: FrameDecoder,
-    buf: Vec<u8>,
 }
+
+/// How much one read from qlogd may take. A tail of 100 events is some 60 KB, which
+/// this reads in two; the decoder's buffer holds about this much plus one frame.
+const READ_CHUNK: usize = 32 * 1024;
 
 /// What a query stream yields.
 pub enum Reply {
@@ -71,7 +74,7 @@ impl std::error::Error for SinkError {}
 impl Client {
     pub fn connect(path: &Path) -> anyhow::Result<Client> {
         let stream = UnixStream::connect(path).map_err(|e| connect_error(path, e))?;
-        Ok(Client { stream, decoder: FrameDecoder::new(Limits::DEFAULT), buf: vec![0; 64 * 1024] })
+        Ok(Client { stream, decoder: FrameDecoder::new(Limits::DEFAULT) })
     }
 
     /// A second handle on the connection, e.g. to shut it down from another thread.
@@ -93,7 +96,7 @@ impl Client {
             {
                 return Ok(Some(frame));
             }
-            let n = match self.stream.read(&mut self.buf) {
+            let n = match self.decoder.read_from(&mut self.stream, READ_CHUNK) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("lost the connection to qlogd"),
@@ -102,7 +105,6 @@ impl Client {
                 self.decoder.finish().context("qlogd closed the connection mid-frame")?;
                 return Ok(None);
             }
-            self.decoder.feed(&self.buf[..n]);
         }
     }
 

@@ -1,6 +1,7 @@
-//! The `qlog` CLI as a library: what the binary (main.rs) runs, so that the fuzz targets
-//! (tests/fuzz) can reach the redaction engine. Only [`cli`] (for main.rs) and the parts
-//! of [`bundle`] and [`output`] the fuzzers use are public.
+//! The `qlog` CLI as a library: what the binaries run (main.rs, and bin/qlog-bundle.rs
+//! for the bundle commands, see [`helper`]), so that the fuzz targets (tests/fuzz) can
+//! reach the redaction engine. Only [`cli`] and [`helper`] (for the binaries) and the
+//! parts of [`bundle`] and [`output`] the fuzzers use are public.
 
 #[doc(hidden)]
 pub mod bundle;
@@ -8,6 +9,7 @@ pub mod cli;
 mod client;
 mod demo;
 mod escape;
+pub mod helper;
 mod metrics;
 #[doc(hidden)]
 pub mod output;

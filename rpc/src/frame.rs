@@ -150,6 +150,27 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Reads once from `reader` (up to `chunk` bytes) straight into the buffer, after
+    /// dropping the frames already returned. A blocking reader needs no buffer of its
+    /// own, and the memory held stays about one read plus one frame however long the
+    /// stream runs: a short-lived client touches few fresh pages. Returns what `read`
+    /// returned; 0 is the end of the stream.
+    pub fn read_from(
+        &mut self,
+        reader: &mut impl std::io::Read,
+        chunk: usize,
+    ) -> std::io::Result<usize> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let have = self.buf.len();
+        self.buf.resize(have + chunk, 0);
+        let result = reader.read(&mut self.buf[have..]);
+        self.buf.truncate(have + result.as_ref().map_or(0, |&n| n));
+        result
+    }
+
     /// Bytes received but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
@@ -195,6 +216,35 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_frames_straight_from_a_reader_in_small_chunks() {
+        let mut wire = Vec::new();
+        let big = vec![7u8; 5000];
+        for i in 0..50u8 {
+            encode(FrameType::Record, &big[..100 + i as usize * 97], &mut wire);
+            encode(FrameType::Ack, &u64::from(i).to_be_bytes(), &mut wire);
+        }
+        let mut reader = &wire[..];
+        let mut dec = FrameDecoder::new(Limits::DEFAULT);
+        let mut got = Vec::new();
+        loop {
+            while let Some((ty, payload)) = dec.next_frame_ref().unwrap() {
+                got.push((ty, payload.len()));
+            }
+            // Chunks smaller than most frames: a frame is completed over several reads.
+            if dec.read_from(&mut reader, 333).unwrap() == 0 {
+                break;
+            }
+            assert!(dec.buf.capacity() < 2 * (5000 + 333), "held {}", dec.buf.capacity());
+        }
+        dec.finish().unwrap();
+        assert_eq!(got.len(), 100);
+        for (i, pair) in got.chunks(2).enumerate() {
+            assert_eq!(pair[0], (FrameType::Record, 100 + i * 97));
+            assert_eq!(pair[1], (FrameType::Ack, 8));
+        }
+    }
 
     #[test]
     fn decodes_frames_fed_one_byte_at_a_time() {

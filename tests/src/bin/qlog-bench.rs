@@ -621,6 +621,31 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// How an x86-64 ELF binary is linked: "dynamic" if it names a program interpreter,
+/// "static-pie" if it is position-independent without one, else "static".
+fn linkage(path: &Path) -> anyhow::Result<&'static str> {
+    let elf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at =
+        |at: usize| elf.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let (Some(kind), Some(phoff), Some(phentsize), Some(phnum)) =
+        (u16_at(16), u64_at(32), u16_at(54), u16_at(56))
+    else {
+        bail!("{} is not an ELF binary", path.display());
+    };
+    const ET_DYN: u16 = 3;
+    const PT_INTERP: u32 = 3;
+    let interp = (0..phnum as usize).any(|i| {
+        let at = phoff as usize + i * phentsize as usize;
+        elf.get(at..at + 4).is_some_and(|b| u32::from_le_bytes(b.try_into().unwrap()) == PT_INTERP)
+    });
+    Ok(match (interp, kind == ET_DYN) {
+        (true, _) => "dynamic",
+        (false, true) => "static-pie",
+        (false, false) => "static",
+    })
+}
+
 fn tempdir() -> anyhow::Result<PathBuf> {
     let base = std::env::var_os("QLOG_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -682,6 +707,14 @@ struct QueryMeasure {
 fn query(opts: &Options) -> anyhow::Result<()> {
     let qlogd = sibling_binary("qlogd")?;
     let qlog = sibling_binary("qlog")?;
+    let linkage = linkage(&qlog)?;
+    if linkage != "static-pie" {
+        println!(
+            "note: {} is {linkage}; the package ships it static-pie, which starts faster \
+             (build with packaging/build-binaries.sh to measure that)",
+            qlog.display()
+        );
+    }
     if !Path::new(JOURNAL_REMOTE).exists() {
         bail!("{JOURNAL_REMOTE} is missing: install systemd-journal-remote for the comparison");
     }
@@ -820,6 +853,7 @@ fn query(opts: &Options) -> anyhow::Result<()> {
         "runs": opts.runs,
         "journal_files": journal_files.len(),
         "workload_spacing": spacing,
+        "qlog_linkage": linkage,
         "span_hours": (last_realtime - first_realtime) as f64 / HOUR_USEC as f64,
         "results": results,
     });

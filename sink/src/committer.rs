@@ -21,6 +21,7 @@ use qlog_rpc::fields;
 use qlog_rpc::query::{Record, RecordKind, RecordView};
 use qlog_rpc::telemetry::{ValidSample, NO_PRIORITY};
 use qlog_rpc::{Event, Gap, ResumePoint};
+use rayon::prelude::*;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::health::{HealthBook, HealthSettings, Transition};
@@ -28,7 +29,7 @@ use crate::log_events;
 use crate::rate_limit::{RateLimit, RateOverride};
 use crate::rollup::RollupBook;
 use crate::shared::{Shared, StreamKey};
-use crate::store::{CommitSet, Store, StoreWriter, StreamState, VmState};
+use crate::store::{CommitSet, NewBatch, Store, StoreWriter, StreamState, VmState};
 
 /// Most records one cycle takes before it commits, so one cycle's latency stays small
 /// and a follower's broadcast slot stays bounded.
@@ -736,6 +737,9 @@ impl Committer {
         let mut set = CommitSet::default();
         let mut published = Vec::new();
         let vms: Vec<String> = cycle.records.keys().cloned().collect();
+        // Each VM's batches, numbered here in VM order, then encoded (compressed) on all
+        // cores at once: encoding is most of a commit's work and needs nothing else.
+        let mut pending = Vec::new();
         for vm in vms {
             let mut records = cycle.records.remove(&vm).unwrap_or_default();
             if records.count == 0 {
@@ -749,18 +753,27 @@ impl Committer {
             if let Some(gap) = self.enforce_quota(&vm, estimate, &mut cycle) {
                 records.push_record(&gap);
             }
-            for part in batch_parts(&records.raw, MAX_BATCH_RAW_BYTES) {
-                let id = self.next_batch_id;
-                self.next_batch_id += 1;
-                let raw = &records.raw[part.bytes];
-                let batch = Store::encode_raw_batch(
-                    &vm,
-                    id,
-                    part.count,
-                    part.first_usec,
-                    part.last_usec,
-                    raw,
-                );
+            let parts: Vec<(u64, BatchPart)> = batch_parts(&records.raw, MAX_BATCH_RAW_BYTES)
+                .into_iter()
+                .map(|part| {
+                    self.next_batch_id += 1;
+                    (self.next_batch_id - 1, part)
+                })
+                .collect();
+            pending.push((vm, records, parts));
+        }
+        let jobs: Vec<_> = pending
+            .iter()
+            .flat_map(|(vm, records, parts)| parts.iter().map(move |part| (vm, records, part)))
+            .collect();
+        let encode = |&(vm, records, (id, part)): &(&String, &VmRecords, &(u64, BatchPart))| {
+            let raw = &records.raw[part.bytes.clone()];
+            Store::encode_raw_batch(vm, *id, part.count, part.first_usec, part.last_usec, raw)
+        };
+        let mut encoded = jobs.par_iter().map(encode).collect::<Vec<NewBatch>>().into_iter();
+        drop(jobs);
+        for (vm, records, parts) in pending {
+            for batch in encoded.by_ref().take(parts.len()) {
                 self.vm_state(&vm).bytes_stored += batch.value.len() as u64;
                 set.batches.push(batch);
             }

@@ -23,6 +23,7 @@ pub mod filter;
 pub mod health;
 pub mod ingest;
 pub mod log_events;
+pub mod lz4hc;
 pub mod notify;
 pub mod query;
 pub mod rate_limit;

@@ -90,6 +90,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         store.next_batch_id()?.saturating_sub(1),
         config.settings.clone(),
     );
+    // The committer compresses batches on rayon's pool (one thread per core; batch.rs,
+    // committer.rs); named, its threads show as qlogd's in `top -H`. A pool already
+    // built (a second daemon in one test process) is kept.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("qlogd-compress-{i}"))
+        .build_global();
     let committer = Committer::new(store.clone(), Arc::clone(&shared), config.settings.clone())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

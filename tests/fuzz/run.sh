@@ -14,8 +14,9 @@
 # hands parsed records to liblz4 and whose tests check what it writes against lz4_flex),
 # and without ASan both the build and the runs are several times faster. Debug
 # assertions (and so overflow checks) are on, as cargo fuzz builds by default.
-# FUZZ_NICE=10 runs the fuzzers at a lower priority; FUZZ_ARGS adds libFuzzer flags (a long run that may be paused with SIGSTOP wants
-# FUZZ_ARGS=-timeout=3600, since libFuzzer's unit timeout counts wall-clock time).
+# FUZZ_NICE=10 runs the fuzzers at a lower priority; FUZZ_ARGS adds libFuzzer flags
+# (a long run that may be paused with SIGSTOP wants FUZZ_ARGS=-timeout=3600, since
+# libFuzzer's unit timeout counts wall-clock time).
 set -euo pipefail
 cd "$(dirname "$0")"
 

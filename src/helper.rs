@@ -19,13 +19,13 @@ use anyhow::{anyhow, bail};
 use crate::cli::{Cli, Command};
 
 /// The helper's file name.
-pub const HELPER: &str = "qlog-bundle";
+const HELPER: &str = "qlog-bundle";
 
 /// Where the helper may be, in the order tried: beside the running binary (a cargo
 /// target directory, or a package that installs both in one place), then in the
 /// package's library directory, which is where the Debian package puts it
 /// (`/usr/bin/qlog` looks in `/usr/lib/qlog/`).
-pub fn helper_candidates(exe: &Path) -> Vec<PathBuf> {
+fn helper_candidates(exe: &Path) -> Vec<PathBuf> {
     let Some(dir) = exe.parent() else { return Vec::new() };
     let mut found = vec![dir.join(HELPER)];
     if let Some(prefix) = dir.parent() {

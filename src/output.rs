@@ -173,29 +173,7 @@ pub fn format_time(usec: u64, format: Format) -> String {
         _ => {
             let t = DateTime::from_timestamp(i64::try_from(secs).ok()?, 0)?;
             let t: DateTime<Local> = Local.from_utc_datetime(&t.naive_utc());
-            // Written out by hand: interpreting a strftime string on every new second
-            // was most of the cost of a line whose VM claims a skewed clock.
-            let mut text = String::with_capacity(24);
-            let (h, m, sec) = (t.hour(), t.minute(), t.second());
-            if iso {
-                let offset = t.offset().fix().local_minus_utc();
-                let (sign, offset) = if offset < 0 { ('-', -offset) } else { ('+', offset) };
-                let (oh, om) = (offset / 3600, offset / 60 % 60);
-                let (y, mo, d) = (t.year(), t.month(), t.day());
-                // strftime's %Y: four digits, and a sign past 9999.
-                let plus = if y > 9999 { "+" } else { "" };
-                let _ = write!(
-                    text,
-                    "{plus}{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}{sign}{oh:02}{om:02}"
-                );
-            } else {
-                const MONTHS: [&str; 12] = [
-                    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
-                    "Dec",
-                ];
-                let month = MONTHS[t.month0() as usize];
-                let _ = write!(text, "{month} {:02} {h:02}:{m:02}:{sec:02}", t.day());
-            }
+            let text = second_text(&t, iso);
             last[usize::from(iso)] = Some((secs, text.clone()));
             Some(text)
         }
@@ -208,6 +186,31 @@ pub fn format_time(usec: u64, format: Format) -> String {
         }
         (Some(text), _) => std::mem::take(text),
     }
+}
+
+/// A second in the short layout (`Dec 04 10:00:00`) or the ISO one
+/// (`2026-12-04T10:00:00+0100`), as strftime would write it in `t`'s zone. Written out
+/// by hand: interpreting a strftime string on every new second was most of the cost of
+/// a line whose VM claims a skewed clock.
+fn second_text<Tz: TimeZone>(t: &DateTime<Tz>, iso: bool) -> String {
+    let mut text = String::with_capacity(24);
+    let (h, m, sec) = (t.hour(), t.minute(), t.second());
+    if iso {
+        let offset = t.offset().fix().local_minus_utc();
+        let (sign, offset) = if offset < 0 { ('-', -offset) } else { ('+', offset) };
+        let (oh, om) = (offset / 3600, offset / 60 % 60);
+        let (y, mo, d) = (t.year(), t.month(), t.day());
+        // strftime's %Y: four digits, and a sign past 9999.
+        let plus = if y > 9999 { "+" } else { "" };
+        let _ =
+            write!(text, "{plus}{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}{sign}{oh:02}{om:02}");
+    } else {
+        const MONTHS: [&str; 12] =
+            ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let month = MONTHS[t.month0() as usize];
+        let _ = write!(text, "{month} {:02} {h:02}:{m:02}:{sec:02}", t.day());
+    }
+    text
 }
 
 fn json_value(v: &[u8]) -> Value {
@@ -583,6 +586,21 @@ mod tests {
             assert_eq!(format_time(usec, Format::ShortPrecise), precise);
         }
     }
+    /// Zones west and east of UTC, with offsets in minutes: the sign and the minutes of
+    /// the ISO layout, which a test machine on UTC never shows.
+    #[test]
+    fn seconds_are_written_as_strftime_would_in_any_zone() {
+        for offset_secs in [0, -(3 * 3600 + 30 * 60), 5 * 3600 + 45 * 60, -12 * 3600, 14 * 3600] {
+            let zone = chrono::FixedOffset::east_opt(offset_secs).unwrap();
+            for secs in [0i64, 1_796_256_000, 951_782_400, 4_102_444_799, 253_402_300_800] {
+                let t =
+                    zone.from_utc_datetime(&DateTime::from_timestamp(secs, 0).unwrap().naive_utc());
+                assert_eq!(second_text(&t, true), t.format("%Y-%m-%dT%H:%M:%S%z").to_string());
+                assert_eq!(second_text(&t, false), t.format("%b %d %H:%M:%S").to_string());
+            }
+        }
+    }
+
     use qlog_rpc::Event;
 
     fn rec(fields: &[(&str, &[u8])]) -> Record {

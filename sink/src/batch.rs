@@ -50,6 +50,7 @@ use qlog_rpc::event::priority_digit;
 use qlog_rpc::fields;
 use qlog_rpc::query::RecordView;
 
+use crate::filter::UNIT_CLAIM_FIELDS;
 use crate::lz4hc::Compressor;
 
 pub const VERSION: u8 = 3;
@@ -167,7 +168,7 @@ pub fn encode(first_usec: u64, last_usec: u64, raw: &[u8]) -> (u32, Vec<u8>) {
 /// One record's keys: see the module docs.
 fn record_keys(view: &RecordView<'_>, units: &mut Dict, identifiers: &mut Dict) -> [u8; 3] {
     let priority = view.get(fields::PRIORITY).and_then(priority_digit).unwrap_or(PRIORITY_NONE);
-    let (mut unit, mut unit_fields) = (None, 0u32);
+    let (mut unit, mut unit_fields, mut unit_claimed) = (None, 0u32, false);
     let (mut identifier, mut identifier_fields) = (None, 0u32);
     for (name, value) in view.raw_fields() {
         match name {
@@ -175,7 +176,8 @@ fn record_keys(view: &RecordView<'_>, units: &mut Dict, identifiers: &mut Dict) 
                 unit_fields += 1;
                 unit = Some(value);
             }
-            b"UNIT" | b"OBJECT_SYSTEMD_UNIT" | b"COREDUMP_UNIT" => unit_fields += 2,
+            // Whether `-u` may read it depends on other fields: the record is read.
+            n if UNIT_CLAIM_FIELDS.contains(&n) => unit_claimed = true,
             b"SYSLOG_IDENTIFIER" => {
                 identifier_fields += 1;
                 identifier = Some(value);
@@ -188,7 +190,8 @@ fn record_keys(view: &RecordView<'_>, units: &mut Dict, identifiers: &mut Dict) 
         (1, Some(v)) => dict.key(v),
         _ => KEY_OTHER,
     };
-    [priority, key(units, unit_fields, unit), key(identifiers, identifier_fields, identifier)]
+    let unit_key = if unit_claimed { KEY_OTHER } else { key(units, unit_fields, unit) };
+    [priority, unit_key, key(identifiers, identifier_fields, identifier)]
 }
 
 /// A batch's values of one key, in first-seen order.
@@ -381,39 +384,30 @@ pub fn inflate_chunk(
             chunk.first_record
         ));
     }
+    let dict = (chunk.first_record > 0).then_some(dict);
+    inflate_lz4(stored, dict, chunk.raw_len, raw)
+}
+
+/// Inflates one LZ4 block, against `dict` if given, into `raw`, which it replaces; it
+/// must come out `raw_len` bytes long.
+pub fn inflate_lz4(
+    stored: &[u8],
+    dict: Option<&[u8]>,
+    raw_len: u32,
+    raw: &mut Vec<u8>,
+) -> Result<(), String> {
     // Every byte is overwritten (the length is checked), so a reused buffer needs only
     // the right length.
-    raw.resize(chunk.raw_len as usize, 0);
-    let inflated = if chunk.first_record == 0 {
-        lz4_flex::block::decompress_into(stored, raw)
-    } else {
-        lz4_flex::block::decompress_into_with_dict(stored, raw, dict)
+    raw.resize(raw_len as usize, 0);
+    let inflated = match dict {
+        None => lz4_flex::block::decompress_into(stored, raw),
+        Some(dict) => lz4_flex::block::decompress_into_with_dict(stored, raw, dict),
     };
     match inflated {
         Ok(n) if n == raw.len() => Ok(()),
-        Ok(n) => Err(format!("lz4 gave {n} bytes, the head says {}", chunk.raw_len)),
+        Ok(n) => Err(format!("lz4 gave {n} bytes, {raw_len} expected")),
         Err(e) => Err(format!("lz4: {e}")),
     }
-}
-
-/// Whole records back to back in `raw`, as many as the chunk says: their ranges.
-pub fn split_records(chunk: &Chunk, raw: &[u8], out: &mut Vec<Range<usize>>) -> Result<(), String> {
-    out.clear();
-    let mut pos = 0;
-    while pos < raw.len() {
-        let view = RecordView::parse(&raw[pos..]).map_err(|e| format!("record: {e}"))?;
-        out.push(pos..pos + view.bytes.len());
-        pos += view.bytes.len();
-    }
-    if out.len() != chunk.records as usize {
-        return Err(format!(
-            "the head says {} records in the chunk from record {}, found {}",
-            chunk.records,
-            chunk.first_record,
-            out.len()
-        ));
-    }
-    Ok(())
 }
 
 /// Inflates every chunk of a version-3 batch `value`: its records back to back.

@@ -15,6 +15,11 @@ use regex::bytes::{Regex, RegexBuilder};
 use crate::batch::{self, Columns};
 use crate::store::Wanted;
 
+/// The fields besides `_SYSTEMD_UNIT` that `-u` may read, each only from a trusted
+/// sender (see `unit_matches`, which must read no other). Batch keys (batch.rs) never
+/// answer for a record that has one: such a record is read and judged here.
+pub const UNIT_CLAIM_FIELDS: [&[u8]; 3] = [b"UNIT", b"OBJECT_SYSTEMD_UNIT", b"COREDUMP_UNIT"];
+
 /// journald's message ID of coredump entries, whose `COREDUMP_UNIT` `-u` honours.
 const COREDUMP_MESSAGE_ID: &[u8] = b"fc2e22bc6ee647b6b90729ab34a250b1";
 
@@ -379,6 +384,11 @@ mod tests {
                 ("_SYSTEMD_UNIT", "cups.service"),
                 ("OBJECT_SYSTEMD_UNIT", "sshd.service"),
                 ("_UID", "0"),
+            ],
+            &[
+                ("COREDUMP_UNIT", "sshd.service"),
+                ("_UID", "0"),
+                ("MESSAGE_ID", "fc2e22bc6ee647b6b90729ab34a250b1"),
             ],
         ];
         let identifiers: &[&[&str]] = &[&[], &["sshd"], &["cupsd"], &["cupsd", "sshd"]];

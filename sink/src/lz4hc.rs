@@ -47,13 +47,13 @@ extern "C" {
 
 /// liblz4's compression level. 3 is its fastest hash-chain level; higher levels took
 /// longer here and saved under 1% more.
-pub const LEVEL: c_int = 3;
+const LEVEL: c_int = 3;
 
 /// The largest input liblz4 compresses in one call (`LZ4_MAX_INPUT_SIZE`).
 const MAX_INPUT: usize = 0x7E00_0000;
 
 /// The most bytes LZ4 can make of `n` bytes (`LZ4_COMPRESSBOUND`).
-pub fn bound(n: usize) -> usize {
+fn bound(n: usize) -> usize {
     n + n / 255 + 16
 }
 

@@ -423,7 +423,8 @@ impl DecodePool {
 /// Consecutive batches of one VM to decode as one result. Whoever claims it first
 /// decodes it: a worker, or the cursor itself when it needs the result before any
 /// worker has begun it, which saves two thread handoffs (much of a `tail -n`'s time)
-/// and makes the merge's thread a decoder whenever it would only wait.
+/// and makes the merge's thread a decoder whenever it would only wait. A cursor that
+/// goes claims the jobs it still has queued, so that nobody decodes them.
 struct Job {
     claimed: std::sync::atomic::AtomicBool,
     walk: Arc<Walk>,
@@ -697,6 +698,16 @@ impl<'a> VmCursor<'a> {
 
     fn head(&self) -> Item {
         self.current.items[self.next]
+    }
+}
+
+impl Drop for VmCursor<'_> {
+    /// The merge stops early (its N found, or the client gone): the jobs still queued
+    /// are claimed here, so no worker decodes what nobody will read.
+    fn drop(&mut self) {
+        for (job, _) in &self.pending {
+            job.claimed.store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 

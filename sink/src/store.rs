@@ -594,24 +594,18 @@ impl Store {
         let len = u64::from(info.len);
         SCRATCH.with_borrow_mut(|scratch| {
             let result = (|| {
-                let Scratch { probe, run, dict, raw, ranges } = scratch;
+                let Scratch { probe, run, dict, raw } = scratch;
                 read_into(file, info.offset, len.min(BATCH_PROBE_BYTES as u64), probe)
                     .map_err(read_err)?;
                 if probe.first() != Some(&BATCH_VERSION) {
                     // An older batch: one block, no keys.
                     read_rest(file, info.offset, len, probe).map_err(read_err)?;
                     inflate_into(&info.key, probe, raw)?;
-                    let whole = batch::Chunk {
-                        first_record: 0,
-                        records: info.count,
-                        raw_len: raw.len() as u32,
-                        stored: 0..len,
-                        crc: 0,
-                    };
                     if wanted.chunk(raw) {
                         // Whether `visit` stopped early or not, the batch is done.
-                        let _ = visit_chunk(&whole, raw, None, reverse, ranges, &mut visit)
-                            .map_err(corrupt)?;
+                        let whole = (0, info.count);
+                        let _ =
+                            visit_chunk(whole, raw, None, reverse, &mut visit).map_err(corrupt)?;
                     }
                     return Ok(());
                 }
@@ -667,7 +661,8 @@ impl Store {
                     if !wanted.chunk(records_of_c) {
                         continue;
                     }
-                    let flow = visit_chunk(c, records_of_c, records, reverse, ranges, &mut visit);
+                    let span = (c.first_record, c.records);
+                    let flow = visit_chunk(span, records_of_c, records, reverse, &mut visit);
                     if flow.map_err(corrupt)?.is_break() {
                         break;
                     }
@@ -1110,9 +1105,11 @@ pub trait Wanted {
     fn chunk(&self, raw: &[u8]) -> bool;
 }
 
-/// Every record.
+/// Every record (for tests: queries always pass their filter).
+#[cfg(test)]
 pub struct Everything;
 
+#[cfg(test)]
 impl Wanted for Everything {
     fn records(&self, _: &Columns<'_>) -> Option<Vec<bool>> {
         None
@@ -1141,7 +1138,6 @@ struct Scratch {
     /// Chunk 0's records, the dictionary of the others.
     dict: Vec<u8>,
     raw: Vec<u8>,
-    ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl Scratch {
@@ -1246,27 +1242,30 @@ fn read_range(
     read_into(file, offset + range.start, range.end - range.start, buf)
 }
 
-/// Hands `visit` the wanted records of one inflated chunk, in walking order.
+/// Hands `visit` the wanted records of one inflated chunk, in walking order. The span
+/// is the chunk's first record (its index in the batch) and how many records it holds.
 fn visit_chunk(
-    chunk: &batch::Chunk,
+    (first, records): (u32, u32),
     raw: &[u8],
     wanted: Option<&[bool]>,
     reverse: bool,
-    ranges: &mut Vec<std::ops::Range<usize>>,
     visit: &mut impl FnMut(qlog_rpc::query::RecordView<'_>) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>, String> {
     use qlog_rpc::query::RecordView;
-    let first = chunk.first_record as usize;
+    let (first, records) = (first as usize, records as usize);
     let is_wanted = |k: usize| wanted.is_none_or(|w| w.get(first + k).copied().unwrap_or(true));
+    let miscount = |found: usize| {
+        format!("expected {records} records in the chunk from record {first}, found {found}")
+    };
     if reverse {
-        batch::split_records(chunk, raw, ranges)?;
-        for (k, range) in ranges.iter().enumerate().rev() {
-            if is_wanted(k) {
-                let view =
-                    RecordView::parse(&raw[range.clone()]).map_err(|e| format!("record: {e}"))?;
-                if visit(view).is_break() {
-                    return Ok(ControlFlow::Break(()));
-                }
+        // The last record is found only by parsing all before it: parse each once.
+        let views = RecordView::parse_all(raw).map_err(|e| format!("record: {e}"))?;
+        if views.len() != records {
+            return Err(miscount(views.len()));
+        }
+        for (k, view) in views.into_iter().enumerate().rev() {
+            if is_wanted(k) && visit(view).is_break() {
+                return Ok(ControlFlow::Break(()));
             }
         }
         return Ok(ControlFlow::Continue(()));
@@ -1278,15 +1277,15 @@ fn visit_chunk(
         pos += view.bytes.len();
         let keep = is_wanted(k);
         k += 1;
-        if k > chunk.records as usize {
+        if k > records {
             break;
         }
         if keep && visit(view).is_break() {
             return Ok(ControlFlow::Break(()));
         }
     }
-    if k != chunk.records as usize {
-        return Err(format!("index says {} records, found {k}", chunk.records));
+    if k != records {
+        return Err(miscount(k));
     }
     Ok(ControlFlow::Continue(()))
 }
@@ -1336,14 +1335,7 @@ fn inflate_into(key: &[u8], value: &[u8], raw: &mut Vec<u8>) -> Result<(), Store
             if crc32fast::hash(block) != sum {
                 return Err(corrupt("checksum mismatch: the stored bytes changed".into()));
             }
-            // Every byte is overwritten below (the length is checked), so a reused
-            // buffer only needs the right length, not zeroes.
-            raw.resize(raw_len as usize, 0);
-            match lz4_flex::block::decompress_into(block, raw) {
-                Ok(n) if n == raw_len as usize => Ok(()),
-                Ok(n) => Err(corrupt(format!("lz4 gave {n} bytes, the header says {raw_len}"))),
-                Err(e) => Err(corrupt(format!("lz4: {e}"))),
-            }
+            batch::inflate_lz4(block, None, raw_len, raw).map_err(corrupt)
         }
         BATCH_VERSION_ZSTD => {
             *raw = zstd::bulk::decompress(&value[BATCH_HEADER_LEN..], raw_len as usize)

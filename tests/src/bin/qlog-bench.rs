@@ -625,6 +625,10 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 /// "static-pie" if it is position-independent without one, else "static".
 fn linkage(path: &Path) -> anyhow::Result<&'static str> {
     let elf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // ELF, 64-bit (class 2), little-endian (data 1): the offsets below are for that.
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        bail!("{} is not a 64-bit little-endian ELF binary", path.display());
+    }
     let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u64_at =
         |at: usize| elf.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));

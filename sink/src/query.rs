@@ -283,6 +283,7 @@ async fn run_events(
         watermark,
         reverse: q.reverse,
         per_batch: None,
+        job_bytes: JOB_STORED_BYTES,
     };
     let (limit, pool) = (q.limit, ctx.pool.clone());
     let producer = tokio::task::spawn_blocking(move || history(walk, &vms, limit, &pool, &tx));
@@ -481,6 +482,9 @@ struct Walk {
     reverse: bool,
     /// A walk for the newest N matches needs at most N from any one batch.
     per_batch: Option<u64>,
+    /// How many stored bytes of batches a job gathers: [`JOB_STORED_BYTES`], except in
+    /// tests, whose small stores need small jobs to queue several.
+    job_bytes: u64,
 }
 
 impl Walk {
@@ -596,13 +600,13 @@ impl<'a> VmCursor<'a> {
         }
     }
 
-    /// The batches of the cursor's next job: up to [`JOB_STORED_BYTES`] of them, none at
+    /// The batches of the cursor's next job: up to the walk's `job_bytes` of them, none at
     /// the end of its range. A scan error after some batches is kept in `failed`, to be
     /// reported after them.
     fn job_infos(&mut self) -> Result<Vec<BatchInfo>, StoreError> {
         let mut infos = Vec::new();
         let mut stored = 0;
-        while stored < JOB_STORED_BYTES {
+        while stored < self.walk.job_bytes {
             match self.batches.next() {
                 Some(Ok(info)) => {
                     stored += info.stored_len();
@@ -895,6 +899,17 @@ mod tests {
         run_vms(store, &["a", "b", "c"], filter, limit, reverse, workers)
     }
 
+    /// Like [`run`], with jobs of one batch each: a cursor then queues several ahead.
+    fn run_small_jobs(
+        store: &Store,
+        filter: &Filter,
+        limit: Option<u64>,
+        reverse: bool,
+        workers: usize,
+    ) -> Vec<(String, u64)> {
+        run_walk(store, &["a", "b", "c"], filter, limit, reverse, workers, 1)
+    }
+
     /// What `history` sends for the VMs named, as (VM, seq) in order.
     fn run_vms(
         store: &Store,
@@ -904,12 +919,25 @@ mod tests {
         reverse: bool,
         workers: usize,
     ) -> Vec<(String, u64)> {
+        run_walk(store, vms, filter, limit, reverse, workers, JOB_STORED_BYTES)
+    }
+
+    fn run_walk(
+        store: &Store,
+        vms: &[&str],
+        filter: &Filter,
+        limit: Option<u64>,
+        reverse: bool,
+        workers: usize,
+        job_bytes: u64,
+    ) -> Vec<(String, u64)> {
         let filter = CompiledFilter::new(filter).unwrap();
         let vms: Vec<String> = vms.iter().map(|v| (*v).to_owned()).collect();
         let (tx, mut rx) = mpsc::channel(8);
         let filter = Arc::new(filter);
+        let watermark = u64::MAX;
         let walk =
-            Walk { store: store.clone(), filter, watermark: u64::MAX, reverse, per_batch: None };
+            Walk { store: store.clone(), filter, watermark, reverse, per_batch: None, job_bytes };
         let vms = &vms;
         let pool = DecodePool::start(workers).unwrap();
         let pool = &pool;
@@ -973,6 +1001,14 @@ mod tests {
                     let threaded = run(&store, &filter, limit, reverse, workers);
                     assert_eq!(threaded, one, "pool of {workers}, {filter:?} {limit:?} {reverse}");
                 }
+                // Many jobs a VM, queued ahead of the merge: the same answer.
+                for workers in [1, 2, 3] {
+                    let small = run_small_jobs(&store, &filter, limit, reverse, workers);
+                    assert_eq!(
+                        small, one,
+                        "one-batch jobs, pool of {workers}, {filter:?} {limit:?}"
+                    );
+                }
             }
         }
         // One VM's newest N, whichever thread claims its first job.
@@ -989,6 +1025,10 @@ mod tests {
                         got, newest,
                         "{filter:?} -n {n} reverse {reverse}, {workers} workers"
                     );
+                    // One-batch jobs: with two workers, two of them queued at a time.
+                    let limit = Some(n as u64);
+                    let got = run_walk(&store, &["b"], &filter, limit, reverse, workers, 1);
+                    assert_eq!(got, newest, "one-batch jobs, -n {n}, {workers} workers");
                 }
             }
         }
